@@ -1,0 +1,1 @@
+"""Rankwise core: pure torch + safetensors + numpy. Never imports ComfyUI."""

@@ -1,0 +1,31 @@
+"""Errors raised by the core. Each message names what is wrong and, where it can, what to do."""
+
+from __future__ import annotations
+
+
+class RankwiseError(ValueError):
+    """Base class: bad input that the user can fix."""
+
+
+class FormatError(RankwiseError):
+    """A file or state dict is not in a format Rankwise can read (names the keys or the cause)."""
+
+
+class MismatchError(RankwiseError):
+    """Two inputs that must agree (architecture, keys, shapes) do not; the message lists what differs."""
+
+
+class NonFiniteError(RankwiseError):
+    """A tensor holds NaN or Inf; ``names`` lists the offending tensors/layers."""
+
+    def __init__(self, message: str, names: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.names = tuple(names)
+
+
+class UnsafePathError(RankwiseError):
+    """A write would overwrite an input file or an existing file without permission."""
+
+
+class Cancelled(Exception):
+    """Raised through a progress callback to stop long work; no partial output is left behind."""
