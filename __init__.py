@@ -7,6 +7,8 @@ Nothing ComfyUI-specific is imported until then, so ``rankwise.core`` works with
 
 __version__ = "0.1.0"
 
+WEB_DIRECTORY = "./web"  # web/docs/<NodeId>.md: the help page of each node
+
 
 async def comfy_entrypoint():
     from .nodes.extension import RankwiseExtension

@@ -313,7 +313,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     write_checkpoint_pair(
         base_path, tuned_path, Arch.SD1, size="tiny",
         delta=PlantedDelta(kind=DeltaKind.LOWRANK, rank=8, noise=1e-4), seed=args.seed,
-        overwrite=True,
     )
     print(f"[1/4] wrote a synthetic SD1-layout pair with a planted rank-8 change to {out_dir} "
           f"({time.perf_counter() - t0:.1f} s)")

@@ -1,0 +1,971 @@
+"""LoRA state dicts ⇄ :class:`~.types.Lora`.
+
+Readers understand, per module (the part of a key before its suffix):
+
+==============  =====================================================================================
+format          tensors of one module
+==============  =====================================================================================
+kohya / LoCon   ``.lora_up.weight`` ``.lora_down.weight`` [``.lora_mid.weight``] [``.alpha``]
+LoHa            ``.hada_w1_a/b`` ``.hada_w2_a/b`` [``.hada_t1/t2``] [``.alpha``]  → densified
+LoKr            ``.lokr_w1`` | ``.lokr_w1_a/b``, ``.lokr_w2`` | ``.lokr_w2_a/b`` [``.lokr_t2``] → densified
+full            ``.diff`` (``.diff_b`` bias diffs are reported as unsupported)
+PEFT            ``.lora_A/B.weight``, ``.lora_A/B.default.weight``, ``.lora_A/B``
+diffusers       ``.lora.up/down.weight``, ``.lora_linear_layer.up/down.weight``, ``_lora.up/down.weight``
+ComfyUI         the kohya suffixes on ``diffusion_model.<sgm key>`` / ``text_encoders.<clip key>`` names
+==============  =====================================================================================
+
+Module names in any of these styles are renamed to the kohya name of the architecture's key table
+(``core.archs``), which is how :class:`~.types.Lora` keys its layers.
+
+Scaling, as the loaders that define each format apply it (ComfyUI ``comfy/weight_adapter``,
+LyCORIS ``functional``):
+
+* LoRA: ΔW = alpha/r · up @ down, r = ``down.shape[0]``; no ``.alpha`` → alpha = r (scale 1).
+  PEFT/diffusers files without ``.alpha`` use diffusers' ``lora_adapter_metadata`` (``lora_alpha``,
+  ``r``, ``alpha_pattern``, ``use_rslora``) when the file carries it.
+* LoHa: ΔW = alpha/r · (w1a @ w1b) ⊙ (w2a @ w2b), r = ``w1b.shape[0]``. Tucker form: each factor is
+  ``einsum("ijkl,jr,ip->prkl", t, wb, wa)`` (``wa`` stored (r, out), ``wb`` (r, in)).
+  No alpha → scale 1.
+* LoKr: ΔW = s · kron(w1, w2) with w1 = w1a @ w1b (or ``lokr_w1``), w2 = w2a @ w2b, Tucker
+  ``einsum("ijkl,jr,ip->prkl", t2, w2b, w2a)`` (or ``lokr_w2``); conv: w1 gets two trailing unit dims.
+  s = alpha/r with r = ``w2b.shape[0]`` when w2 is factored, else ``w1b.shape[0]`` when w1 is;
+  scale 1 when neither is factored or there is no alpha.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+from .errors import FormatError, MismatchError, NonFiniteError
+from .types import Arch, DiffLayer, LayerDelta, Lora, LoraLayer
+
+Tensor = torch.Tensor
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")
+FP16_MAX = 65504.0
+
+
+class LoraFormat(str, enum.Enum):
+    KOHYA = "kohya"
+    LOHA = "loha"
+    LOKR = "lokr"
+    FULL = "full"
+    PEFT = "peft"
+    DIFFUSERS = "diffusers"
+    COMFY = "comfy"
+    CLONEOFSIMO = "cloneofsimo"
+
+
+class _Role(str, enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    MID = "mid"
+    ALPHA = "alpha"
+    DIFF = "diff"
+    HADA_W1A = "hada_w1_a"
+    HADA_W1B = "hada_w1_b"
+    HADA_W2A = "hada_w2_a"
+    HADA_W2B = "hada_w2_b"
+    HADA_T1 = "hada_t1"
+    HADA_T2 = "hada_t2"
+    LOKR_W1 = "lokr_w1"
+    LOKR_W1A = "lokr_w1_a"
+    LOKR_W1B = "lokr_w1_b"
+    LOKR_W2 = "lokr_w2"
+    LOKR_W2A = "lokr_w2_a"
+    LOKR_W2B = "lokr_w2_b"
+    LOKR_T2 = "lokr_t2"
+    UNSUPPORTED = "unsupported"
+
+
+@dataclass(frozen=True)
+class _Suffix:
+    text: str
+    role: _Role
+    fmt: LoraFormat | None  # None: belongs to whatever format the module's other keys have
+
+
+# The one table of key suffixes. Matching takes the longest suffix that ends the key.
+SUFFIXES: tuple[_Suffix, ...] = (
+    _Suffix(".lora_up.weight", _Role.UP, LoraFormat.KOHYA),
+    _Suffix(".lora_down.weight", _Role.DOWN, LoraFormat.KOHYA),
+    _Suffix(".lora_mid.weight", _Role.MID, LoraFormat.KOHYA),
+    _Suffix(".alpha", _Role.ALPHA, None),
+    _Suffix(".lora_B.weight", _Role.UP, LoraFormat.PEFT),
+    _Suffix(".lora_A.weight", _Role.DOWN, LoraFormat.PEFT),
+    _Suffix(".lora_B.default.weight", _Role.UP, LoraFormat.PEFT),
+    _Suffix(".lora_A.default.weight", _Role.DOWN, LoraFormat.PEFT),
+    _Suffix(".lora_B", _Role.UP, LoraFormat.PEFT),
+    _Suffix(".lora_A", _Role.DOWN, LoraFormat.PEFT),
+    _Suffix(".lora.up.weight", _Role.UP, LoraFormat.DIFFUSERS),
+    _Suffix(".lora.down.weight", _Role.DOWN, LoraFormat.DIFFUSERS),
+    _Suffix(".lora_linear_layer.up.weight", _Role.UP, LoraFormat.DIFFUSERS),
+    _Suffix(".lora_linear_layer.down.weight", _Role.DOWN, LoraFormat.DIFFUSERS),
+    _Suffix("_lora.up.weight", _Role.UP, LoraFormat.DIFFUSERS),
+    _Suffix("_lora.down.weight", _Role.DOWN, LoraFormat.DIFFUSERS),
+    _Suffix(".hada_w1_a", _Role.HADA_W1A, LoraFormat.LOHA),
+    _Suffix(".hada_w1_b", _Role.HADA_W1B, LoraFormat.LOHA),
+    _Suffix(".hada_w2_a", _Role.HADA_W2A, LoraFormat.LOHA),
+    _Suffix(".hada_w2_b", _Role.HADA_W2B, LoraFormat.LOHA),
+    _Suffix(".hada_t1", _Role.HADA_T1, LoraFormat.LOHA),
+    _Suffix(".hada_t2", _Role.HADA_T2, LoraFormat.LOHA),
+    _Suffix(".lokr_w1", _Role.LOKR_W1, LoraFormat.LOKR),
+    _Suffix(".lokr_w1_a", _Role.LOKR_W1A, LoraFormat.LOKR),
+    _Suffix(".lokr_w1_b", _Role.LOKR_W1B, LoraFormat.LOKR),
+    _Suffix(".lokr_w2", _Role.LOKR_W2, LoraFormat.LOKR),
+    _Suffix(".lokr_w2_a", _Role.LOKR_W2A, LoraFormat.LOKR),
+    _Suffix(".lokr_w2_b", _Role.LOKR_W2B, LoraFormat.LOKR),
+    _Suffix(".lokr_t2", _Role.LOKR_T2, LoraFormat.LOKR),
+    _Suffix(".diff", _Role.DIFF, LoraFormat.FULL),
+    # Understood, but not representable as a ΔW of the weight: reported by name, never applied.
+    _Suffix(".diff_b", _Role.UNSUPPORTED, LoraFormat.FULL),
+    _Suffix(".dora_scale", _Role.UNSUPPORTED, None),
+    _Suffix(".w_norm", _Role.UNSUPPORTED, None),
+    _Suffix(".b_norm", _Role.UNSUPPORTED, None),
+    _Suffix(".set_weight", _Role.UNSUPPORTED, None),
+    _Suffix(".reshape_weight", _Role.UNSUPPORTED, None),
+    _Suffix(".bias_indices", _Role.UNSUPPORTED, None),
+    _Suffix(".bias_values", _Role.UNSUPPORTED, None),
+    _Suffix(".bias_size", _Role.UNSUPPORTED, None),
+    _Suffix(".oft_blocks", _Role.UNSUPPORTED, None),
+    _Suffix(".oft_diag", _Role.UNSUPPORTED, None),
+    _Suffix(".lora_embedding_A", _Role.UNSUPPORTED, LoraFormat.PEFT),
+    _Suffix(".lora_embedding_B", _Role.UNSUPPORTED, LoraFormat.PEFT),
+)
+_SUFFIXES_LONGEST_FIRST = tuple(sorted(SUFFIXES, key=lambda s: len(s.text), reverse=True))
+_UNSUPPORTED_WHY = {
+    ".diff_b": "bias difference (bias deltas are not part of a Lora; ignored)",
+    ".dora_scale": "DoRA magnitude (depends on the base weight; ignored, the layer is read as plain LoRA)",
+    ".w_norm": "norm weight difference (ignored)",
+    ".b_norm": "norm bias difference (ignored)",
+    ".set_weight": "weight replacement (ignored)",
+    ".reshape_weight": "weight reshape (ignored)",
+}
+_CLONEOFSIMO_KEY = re.compile(r"^[A-Za-z_][\w.]*:\d+:(up|down)$")
+
+
+@dataclass(frozen=True)
+class ReadReport:
+    """What a reader understood.
+
+    ``modules``: layers in the resulting Lora. ``unknown_keys``: keys matching no known suffix, or
+    incomplete modules (e.g. an up without its down). ``unsupported_keys``: understood but not
+    representable (``.diff_b``, ``.dora_scale``, norms) — ignored. ``unmapped_modules``: understood
+    modules missing from the architecture's key table; kohya-named ones are kept under their own
+    name, others are dropped (``notes`` says which). ``densified``: LoHa/LoKr/diff layers turned into
+    :class:`~.types.DiffLayer`.
+    """
+
+    formats: tuple[LoraFormat, ...]
+    modules: int
+    unknown_keys: tuple[str, ...] = ()
+    unmapped_modules: tuple[str, ...] = ()
+    densified: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    unsupported_keys: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        lines = [
+            f"read {self.modules} modules ({', '.join(f.value for f in self.formats) or 'no format'})"
+        ]
+        for label, items in (
+            ("unknown keys", self.unknown_keys),
+            ("unsupported keys (ignored)", self.unsupported_keys),
+            ("modules not in the architecture's table", self.unmapped_modules),
+            ("densified to full ΔW", self.densified),
+        ):
+            if items:
+                lines.append(f"{label} ({len(items)}): {_sample(items)}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _sample(items: Iterable[str], n: int = 6) -> str:
+    items = list(items)
+    shown = ", ".join(items[:n])
+    return shown + (f", … ({len(items) - n} more)" if len(items) > n else "")
+
+
+# --------------------------------------------------------------------------------------------
+# key grouping
+
+
+def _split_key(key: str) -> tuple[str, _Suffix] | None:
+    for suffix in _SUFFIXES_LONGEST_FIRST:
+        if key.endswith(suffix.text) and len(key) > len(suffix.text):
+            return key[: -len(suffix.text)], suffix
+    return None
+
+
+def _naming_format(module: str) -> LoraFormat | None:
+    if module.startswith(COMFY_PREFIXES):
+        return LoraFormat.COMFY
+    return None
+
+
+def detect_format(keys: Iterable[str]) -> tuple[LoraFormat, ...]:
+    """The formats present among ``keys`` (in :class:`LoraFormat` order).
+
+    A ComfyUI-named module counts as COMFY (plus FULL/LOHA/LOKR for those layer types); a kohya
+    suffix on any other name counts as KOHYA.
+    """
+    found: set[LoraFormat] = set()
+    for key in keys:
+        if _CLONEOFSIMO_KEY.match(key):
+            found.add(LoraFormat.CLONEOFSIMO)
+            continue
+        split = _split_key(key)
+        if split is None:
+            continue
+        module, suffix = split
+        naming = _naming_format(module)
+        if naming is not None:
+            found.add(naming)
+            if suffix.fmt in (LoraFormat.FULL, LoraFormat.LOHA, LoraFormat.LOKR):
+                found.add(suffix.fmt)
+        elif suffix.fmt is not None and suffix.role is not _Role.UNSUPPORTED:
+            found.add(suffix.fmt)
+    return tuple(f for f in LoraFormat if f in found)
+
+
+@dataclass
+class _Module:
+    name: str
+    parts: dict[_Role, tuple[str, Tensor]]
+    formats: set[LoraFormat]
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.parts.values()]
+
+    def get(self, role: _Role) -> Tensor | None:
+        item = self.parts.get(role)
+        return None if item is None else item[1]
+
+
+def _group(sd: Mapping[str, Tensor]) -> tuple[dict[str, _Module], list[str], list[str]]:
+    modules: dict[str, _Module] = {}
+    unknown: list[str] = []
+    unsupported: list[str] = []
+    for key, value in sd.items():
+        split = _split_key(key)
+        if split is None or not isinstance(value, torch.Tensor):
+            unknown.append(key)
+            continue
+        name, suffix = split
+        if suffix.role is _Role.UNSUPPORTED:
+            unsupported.append(key)
+            continue
+        mod = modules.setdefault(name, _Module(name, {}, set()))
+        if suffix.role in mod.parts:  # two spellings of the same part: keep the first
+            unknown.append(key)
+            continue
+        mod.parts[suffix.role] = (key, value)
+        if suffix.fmt is not None:
+            mod.formats.add(suffix.fmt)
+    return modules, unknown, unsupported
+
+
+# --------------------------------------------------------------------------------------------
+# layer construction (math in fp32)
+
+
+def _alpha_of(mod: _Module) -> float | None:
+    t = mod.get(_Role.ALPHA)
+    if t is None:
+        return None
+    if t.numel() != 1:
+        raise FormatError(
+            f"{mod.parts[_Role.ALPHA][0]}: alpha must be a single number, got shape {tuple(t.shape)}"
+        )
+    value = float(t.float().item())
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{mod.parts[_Role.ALPHA][0]} is {value}", (mod.name,))
+    return value
+
+
+def _loha_delta(mod: _Module, alpha: float | None) -> Tensor:
+    w1a, w1b = mod.get(_Role.HADA_W1A).float(), mod.get(_Role.HADA_W1B).float()
+    w2a, w2b = mod.get(_Role.HADA_W2A).float(), mod.get(_Role.HADA_W2B).float()
+    t1, t2 = mod.get(_Role.HADA_T1), mod.get(_Role.HADA_T2)
+    rank = int(w1b.shape[0])
+    scale = 1.0 if alpha is None else alpha / rank
+    if t1 is not None and t2 is not None:
+        m1 = torch.einsum("ijkl,jr,ip->prkl", t1.float(), w1b.flatten(1), w1a.flatten(1))
+        m2 = torch.einsum("ijkl,jr,ip->prkl", t2.float(), w2b.flatten(1), w2a.flatten(1))
+    else:
+        m1 = w1a.flatten(1) @ w1b.flatten(1)
+        m2 = w2a.flatten(1) @ w2b.flatten(1)
+    return (m1 * m2) * scale
+
+
+def _lokr_delta(mod: _Module, alpha: float | None) -> Tensor:
+    w1, w2 = mod.get(_Role.LOKR_W1), mod.get(_Role.LOKR_W2)
+    rank: int | None = None
+    if w1 is None:
+        w1a, w1b = mod.get(_Role.LOKR_W1A), mod.get(_Role.LOKR_W1B)
+        if w1a is None or w1b is None:
+            raise FormatError(f"{mod.name}: LoKr module has neither lokr_w1 nor lokr_w1_a/_b")
+        rank = int(w1b.shape[0])
+        w1 = w1a.float() @ w1b.float()
+    if w2 is None:
+        w2a, w2b, t2 = mod.get(_Role.LOKR_W2A), mod.get(_Role.LOKR_W2B), mod.get(_Role.LOKR_T2)
+        if w2a is None or w2b is None:
+            raise FormatError(f"{mod.name}: LoKr module has neither lokr_w2 nor lokr_w2_a/_b")
+        rank = int(w2b.shape[0])
+        if t2 is not None:
+            w2 = torch.einsum("ijkl,jr,ip->prkl", t2.float(), w2b.float().flatten(1), w2a.float())
+        else:
+            r = w2b.shape[0]
+            w2 = (w2a.float() @ w2b.float().reshape(r, -1)).reshape(w2a.shape[0], *w2b.shape[1:])
+    w1, w2 = w1.float(), w2.float()
+    while w1.dim() < w2.dim():
+        w1 = w1.unsqueeze(-1)
+    scale = alpha / rank if (alpha is not None and rank is not None) else 1.0
+    return torch.kron(w1, w2.contiguous()) * scale
+
+
+def _fit_factors(up: Tensor, down: Tensor, mid: Tensor | None, shape: tuple[int, ...] | None):
+    """Reshape up/down (no mid) to a weight's layout: 2-D for Linear, 4-D for Conv."""
+    if shape is None or mid is not None:
+        return up, down
+    r = down.shape[0]
+    if len(shape) == 2:
+        if up.dim() == 4 and up.shape[2:] == (1, 1) and down.dim() == 4 and down.shape[2:] == (1, 1):
+            return up.reshape(up.shape[0], r), down.reshape(r, -1)
+        return up, down
+    out_ch, in_ch, kh, kw = shape
+    if up.dim() == 2 and up.shape[0] == out_ch and down.numel() == r * in_ch * kh * kw:
+        return up.reshape(out_ch, r, 1, 1), down.reshape(r, in_ch, kh, kw)
+    if down.dim() == 2 and down.numel() == r * in_ch * kh * kw:
+        return up.reshape(up.shape[0], r, 1, 1), down.reshape(r, in_ch, kh, kw)
+    return up, down
+
+
+def _numel(shape: Iterable[int]) -> int:
+    return int(math.prod(int(s) for s in shape))
+
+
+# --------------------------------------------------------------------------------------------
+# naming
+
+
+def _kohya_named(name: str) -> bool:
+    return name.startswith(KOHYA_PREFIXES)
+
+
+def _component_prefix(name: str) -> tuple[str, str]:
+    for prefix in ("unet.", "text_encoder_2.", "text_encoder.", "transformer."):
+        if name.startswith(prefix):
+            return prefix[:-1], name[len(prefix) :]
+    return "", name
+
+
+def _candidates(name: str) -> list[str]:
+    """Spellings of one module name to look up in a key table's aliases (most direct first)."""
+    out = [name]
+    stems = [name]
+    for wrapper, prefixes in (
+        ("base_model.model.", ("", "unet.", "text_encoder.", "text_encoder_2.")),
+        ("unet.base_model.model.", ("unet.",)),
+        ("text_encoder.base_model.model.", ("text_encoder.",)),
+        ("text_encoder_2.base_model.model.", ("text_encoder_2.",)),
+    ):
+        if name.startswith(wrapper):
+            rest = name[len(wrapper) :]
+            stems.extend(p + rest for p in prefixes)
+    if name.startswith("lycoris_"):
+        stems.append("lora_unet_" + name[len("lycoris_") :])
+    if not name.startswith(("unet.", "text_encoder", "base_model.")) and "." in name and not name.startswith(
+        COMFY_PREFIXES
+    ):  # diffusers / PEFT paths saved without a component prefix
+        stems.extend(p + name for p in ("unet.", "text_encoder.", "text_encoder_2."))
+    for stem in list(stems):
+        # transformers ≥ 5 dropped CLIPTextModel's "text_model." level from module paths
+        m = re.match(r"^(text_encoder(?:_2)?\.)(encoder\.layers\..*)$", stem)
+        if m:
+            stems.append(m.group(1) + "text_model." + m.group(2))
+    for stem in stems:
+        fixed = stem.replace(".processor.", ".")
+        if fixed.endswith(".to_out"):
+            fixed += ".0"
+        for c in (stem, fixed):
+            if c not in out:
+                out.append(c)
+    return out
+
+
+class _Names:
+    """Every accepted spelling of every layer of one key table → its LayerSpec."""
+
+    def __init__(self, table) -> None:
+        self.table = table
+        self.alias: dict[str, object] = {}
+        for spec in table.layers:
+            for a in self._aliases(spec):
+                self.alias.setdefault(a, spec)
+
+    @staticmethod
+    def _aliases(spec) -> list[str]:
+        out = [spec.kohya]
+        comfy = getattr(spec, "comfy_key", "") or ""
+        if comfy.endswith(".weight"):
+            stem = comfy[: -len(".weight")]
+            if stem.startswith("diffusion_model."):
+                out.append(stem)
+                out.append("lora_unet_" + stem[len("diffusion_model.") :].replace(".", "_"))
+            else:
+                out.append("text_encoders." + stem)
+        diffusers = getattr(spec, "diffusers", "") or ""
+        if diffusers:
+            out.append(diffusers)
+            if diffusers.startswith("unet."):
+                out.append("lora_unet_" + diffusers[len("unet.") :].replace(".", "_"))
+        return out
+
+    def resolve(self, name: str, numel: int | None) -> tuple[object | None, bool]:
+        """(spec, ambiguous). Prefers a spec whose weight size matches ``numel``."""
+        hits = []
+        for c in _candidates(name):
+            spec = self.alias.get(c)
+            if spec is not None and spec not in hits:
+                hits.append(spec)
+        if not hits:
+            return None, False
+        if len(hits) > 1 and numel is not None:
+            fitting = [s for s in hits if _numel(s.shape) == numel]
+            if fitting:
+                return fitting[0], len(fitting) > 1
+        return hits[0], len(hits) > 1
+
+
+def _archs():
+    from . import archs  # imported lazily: archs is large and optional for pure state-dict work
+
+    return archs
+
+
+def _table_for(arch: Arch, size: str = "full"):
+    return _archs().key_table(arch, size)
+
+
+_TABLE_SIZES = ("full", "tiny")  # tiny: the test/demo tables (same names, tiny shapes)
+_NAMES_CACHE: dict[int, tuple[object, "_Names"]] = {}
+
+
+def _names_for(table) -> "_Names":
+    hit = _NAMES_CACHE.get(id(table))
+    if hit is not None and hit[0] is table:
+        return hit[1]
+    names = _Names(table)
+    if len(_NAMES_CACHE) > 32:
+        _NAMES_CACHE.clear()
+    _NAMES_CACHE[id(table)] = (table, names)  # keeps the table alive, so the id stays unique
+    return names
+
+
+def arch_from_metadata(metadata: Mapping[str, str] | None) -> Arch | None:
+    """The architecture a file's ss_*/modelspec metadata declares, if any."""
+    if not metadata:
+        return None
+    base = str(metadata.get("ss_base_model_version", "")).lower()
+    spec = str(metadata.get("modelspec.architecture", "")).lower()
+    if base.startswith("sdxl") or spec.startswith("stable-diffusion-xl"):
+        return Arch.SDXL
+    if base.startswith("sd_v2") or spec.startswith("stable-diffusion-v2") or metadata.get("ss_v2") == "True":
+        return Arch.SD2
+    if base.startswith("sd_v1") or spec.startswith("stable-diffusion-v1"):
+        return Arch.SD1
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT / diffusers adapter metadata
+
+
+def _adapter_config(metadata: Mapping[str, str] | None) -> dict | None:
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        cfg = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _peft_alpha(cfg: dict, module: str, rank: int) -> float | None:
+    """alpha (in our alpha/rank convention) for a PEFT module from diffusers' adapter config."""
+    component, path = _component_prefix(module)
+    if path.startswith("base_model.model."):
+        path = path[len("base_model.model.") :]
+    packed = any("." in k and k.split(".", 1)[1] in ("r", "lora_alpha") for k in cfg)
+    if packed:
+        pre = f"{component}." if component else ""
+        sub = {k[len(pre) :]: v for k, v in cfg.items() if pre and k.startswith(pre)}
+        if not sub:
+            return None
+    else:
+        sub = cfg
+    lora_alpha = sub.get("lora_alpha")
+    for pattern, value in (sub.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", path):
+            lora_alpha = value
+            break
+    if lora_alpha is None:
+        return None
+    if sub.get("use_rslora"):
+        return float(lora_alpha) * math.sqrt(rank)
+    return float(lora_alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# the reader
+
+
+@dataclass
+class _Built:
+    name: str  # the module name as written in the file
+    layer: LayerDelta
+    formats: set[LoraFormat]
+    densified: bool
+
+
+def _build_layers(
+    modules: Mapping[str, _Module], metadata: Mapping[str, str] | None
+) -> tuple[list[_Built], list[str], list[str]]:
+    built: list[_Built] = []
+    incomplete: list[str] = []
+    notes: list[str] = []
+    cfg = _adapter_config(metadata)
+    used_cfg = False
+    for mod in modules.values():
+        roles = set(mod.parts)
+        alpha = _alpha_of(mod)
+        if {_Role.UP, _Role.DOWN} <= roles:
+            up, down, mid = mod.get(_Role.UP), mod.get(_Role.DOWN), mod.get(_Role.MID)
+            rank = int(down.shape[0])
+            if alpha is None and cfg is not None and mod.formats & {LoraFormat.PEFT, LoraFormat.DIFFUSERS}:
+                alpha = _peft_alpha(cfg, mod.name, rank)
+                used_cfg = used_cfg or alpha is not None
+            if up.dim() not in (2, 4) or down.dim() not in (2, 4) or up.shape[1] != rank:
+                raise FormatError(
+                    f"{mod.name}: up {tuple(up.shape)} and down {tuple(down.shape)} are not LoRA factors "
+                    f"of one rank"
+                )
+            if up.dim() == 2 and down.dim() == 4:
+                up = up.reshape(up.shape[0], rank, 1, 1)
+            if mid is not None and (mid.dim() != 4 or down.dim() != 4):
+                raise FormatError(
+                    f"{mod.name}: lora_mid {tuple(mid.shape)} needs a 4-D conv down, got {tuple(down.shape)}"
+                )
+            try:
+                layer = LoraLayer(up=up, down=down, alpha=float(rank if alpha is None else alpha), mid=mid)
+            except ValueError as e:
+                raise FormatError(f"{mod.name}: {e}") from None
+            built.append(_Built(mod.name, layer, mod.formats, False))
+        elif _Role.DIFF in roles:
+            built.append(_Built(mod.name, DiffLayer(mod.get(_Role.DIFF).float()), mod.formats, True))
+        elif {_Role.HADA_W1A, _Role.HADA_W1B, _Role.HADA_W2A, _Role.HADA_W2B} <= roles:
+            try:
+                delta = _loha_delta(mod, alpha)
+            except RuntimeError as e:
+                raise FormatError(f"{mod.name}: LoHa tensors do not fit together ({e})") from None
+            built.append(_Built(mod.name, DiffLayer(delta), mod.formats, True))
+        elif roles & {_Role.LOKR_W1, _Role.LOKR_W1A, _Role.LOKR_W2, _Role.LOKR_W2A}:
+            try:
+                delta = _lokr_delta(mod, alpha)
+            except RuntimeError as e:
+                raise FormatError(f"{mod.name}: LoKr tensors do not fit together ({e})") from None
+            built.append(_Built(mod.name, DiffLayer(delta), mod.formats, True))
+        else:
+            incomplete.extend(mod.keys())
+    if used_cfg:
+        notes.append("alpha taken from the file's lora_adapter_metadata (diffusers/PEFT LoraConfig)")
+    return built, incomplete, notes
+
+
+def _fit_to_spec(layer: LayerDelta, shape: tuple[int, ...]) -> LayerDelta | None:
+    """The layer in the spec's layout, or None when its size does not match."""
+    if _numel(layer.weight_shape) != _numel(shape):
+        return None
+    if isinstance(layer, DiffLayer):
+        if tuple(layer.diff.shape) == shape:
+            return layer
+        return DiffLayer(layer.diff.reshape(shape))
+    ws = layer.weight_shape
+    if ws[0] != shape[0]:
+        return None
+    if ws == shape:
+        return layer
+    up, down = _fit_factors(layer.up, layer.down, layer.mid, shape)
+    fitted = LoraLayer(up=up, down=down, alpha=layer.alpha, mid=layer.mid)
+    return fitted if fitted.weight_shape == shape else None
+
+
+def _score(names: _Names, built: list[_Built]) -> tuple[int, int]:
+    ok = bad = 0
+    for b in built:
+        spec, _ = names.resolve(b.name, _numel(b.layer.weight_shape))
+        if spec is None:
+            continue
+        if _numel(spec.shape) == _numel(b.layer.weight_shape):
+            ok += 1
+        else:
+            bad += 1
+    return ok, bad
+
+
+def _choose_table(built: list[_Built], metadata: Mapping[str, str] | None):
+    """Pick the architecture whose key table maps the most modules with matching shapes."""
+    hint = arch_from_metadata(metadata)
+    kohya_names = [b.name for b in built if _kohya_named(b.name)]
+    try:
+        named = _archs().detect_lora_arch(kohya_names) if kohya_names else None
+    except Exception:  # a detector failure only loses a tie-breaker
+        named = None
+    best, best_key = None, None
+    for arch in Arch:
+        for size in _TABLE_SIZES:
+            try:
+                table = _table_for(arch, size)
+            except Exception:
+                continue
+            ok, bad = _score(_names_for(table), built)
+            key = (ok - bad, arch == named, arch == hint)
+            if ok > 0 and (best_key is None or key > best_key):
+                best, best_key = table, key
+    return best
+
+
+def _table_of_arch(arch: Arch, built: list[_Built]):
+    """The full-size table of ``arch``, or its tiny test table when only that one fits the shapes."""
+    full = _table_for(arch)
+    try:
+        tiny = _table_for(arch, "tiny")
+    except Exception:
+        return full
+    f_ok, f_bad = _score(_names_for(full), built)
+    t_ok, t_bad = _score(_names_for(tiny), built)
+    return tiny if t_ok - t_bad > f_ok - f_bad else full
+
+
+def lora_from_state_dict(
+    sd: Mapping[str, Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    arch: Arch | None = None,
+    table=None,
+) -> tuple[Lora, ReadReport]:
+    """Read a LoRA state dict in any supported format into a kohya-named :class:`Lora`.
+
+    Args:
+        sd: key → tensor, as stored (any dtype; low-rank factors are kept as stored, densified
+            LoHa/LoKr/diff layers are fp32).
+        metadata: the file's string metadata (kept on the Lora; diffusers' ``lora_adapter_metadata``
+            supplies PEFT alphas).
+        arch: the architecture the LoRA must fit. Modules in another architecture's naming, or with
+            other shapes, raise :class:`MismatchError`. None: detected from names and shapes.
+        table: an explicit ``core.archs.KeyTable`` (e.g. a tiny test table); overrides ``arch``.
+
+    Returns:
+        ``(lora, report)``. Modules missing from the table are kept when kohya-named, dropped
+        otherwise; both are listed in ``report.unmapped_modules``.
+
+    Raises:
+        FormatError: no key is understood (the message lists sample keys) or a module's tensors
+            do not fit together. MismatchError: the LoRA does not fit ``arch``/``table``.
+    """
+    keys = list(sd.keys())
+    modules, unknown, unsupported = _group(sd)
+    built, incomplete, notes = _build_layers(modules, metadata)
+    unknown = unknown + incomplete
+    if not built and any(_CLONEOFSIMO_KEY.match(k) for k in keys):
+        raise FormatError(
+            "this is a cloneofsimo 'lora' file (keys like "
+            f"{_sample([k for k in keys if _CLONEOFSIMO_KEY.match(k)], 3)}): its layers are numbered by "
+            "position in the model, not named, so they cannot be mapped safely. Convert it with the "
+            "cloneofsimo tools (e.g. to a diffusers/kohya LoRA) first."
+        )
+    if not built:
+        raise FormatError(
+            f"no LoRA module recognised among {len(keys)} keys (e.g. {_sample(keys, 5)}). Rankwise reads "
+            "kohya/LoCon (lora_up/lora_down/alpha), LoHa (hada_*), LoKr (lokr_*), full (.diff), "
+            "PEFT (lora_A/lora_B), diffusers (lora.up/lora_linear_layer) and ComfyUI "
+            "(diffusion_model.*) keys."
+        )
+
+    explicit = table is not None or arch is not None
+    if table is None and arch is not None:
+        table = _table_of_arch(Arch(arch), built)
+    if table is None:
+        table = _choose_table(built, metadata)
+
+    layers: dict[str, LayerDelta] = {}
+    formats: set[LoraFormat] = set()
+    unmapped: list[str] = []
+    mismatched: list[str] = []
+    densified: list[str] = []
+    dropped: list[str] = []
+    kept_unmapped: list[str] = []
+    names = _names_for(table) if table is not None else None
+    if table is None:
+        foreign = [b.name for b in built if not _kohya_named(b.name)]
+        if foreign:
+            raise FormatError(
+                f"cannot map module names such as {_sample(foreign, 3)} to a known architecture "
+                "(SD1/SD2/SDXL); pass arch= to say which model the LoRA is for."
+            )
+        notes.append("architecture not recognised: kohya names kept as they are, shapes not checked")
+
+    for b in built:
+        naming = _naming_format(b.name)
+        if naming is not None:  # ComfyUI names with kohya suffixes are one format: COMFY
+            formats |= (b.formats - {LoraFormat.KOHYA}) | {naming}
+        else:
+            formats |= b.formats
+        if names is None:
+            target, layer = b.name, b.layer
+        else:
+            spec, ambiguous = names.resolve(b.name, _numel(b.layer.weight_shape))
+            if spec is None:
+                unmapped.append(b.name)
+                if _kohya_named(b.name):
+                    kept_unmapped.append(b.name)
+                    target, layer = b.name, b.layer
+                else:
+                    dropped.append(b.name)
+                    continue
+            else:
+                shape = tuple(int(s) for s in spec.shape)
+                layer = _fit_to_spec(b.layer, shape)
+                if layer is None:
+                    unmapped.append(b.name)
+                    mismatched.append(
+                        f"{b.name}: file has ΔW {tuple(b.layer.weight_shape)}, "
+                        f"{getattr(table.arch, 'value', table.arch)} expects {shape}"
+                    )
+                    continue
+                target = spec.kohya
+                if ambiguous:
+                    notes.append(f"{b.name}: several layers match this name; mapped to {target}")
+        if target in layers:
+            raise FormatError(
+                f"two modules map to the same layer {target} (the second is {b.name}); "
+                "the file mixes naming styles for one layer"
+            )
+        layers[target] = layer
+        if b.densified:
+            densified.append(target)
+
+    arch_label = getattr(getattr(table, "arch", None), "value", None) if table is not None else None
+    if mismatched and (explicit or len(mismatched) * 2 > len(built)):
+        raise MismatchError(
+            f"{len(mismatched)} LoRA layers do not fit {arch_label}: {_sample(mismatched, 4)}. "
+            "Is this LoRA for another model (SD1 / SD2 / SDXL)?"
+        )
+    if mismatched:
+        notes.append(f"{len(mismatched)} modules with shapes that do not fit {arch_label} dropped: "
+                     f"{_sample(mismatched, 3)}")
+    if names is not None and (not layers or len(layers) == len(kept_unmapped)) and built:
+        hint = _hint_other_arch(built, table)
+        raise MismatchError(
+            f"none of the {len(built)} LoRA modules belong to {arch_label} "
+            f"(e.g. {_sample([b.name for b in built], 3)}){hint}"
+        )
+    if names is not None and explicit and len(unmapped) * 2 > len(built):
+        hint = _hint_other_arch(built, table)
+        raise MismatchError(
+            f"{len(unmapped)} of {len(built)} LoRA modules are not layers of {arch_label} "
+            f"(e.g. {_sample(unmapped, 4)}){hint}"
+        )
+    if kept_unmapped:
+        notes.append(
+            f"{len(kept_unmapped)} kohya-named modules are not in the {arch_label} key table; "
+            f"kept under their own names: {_sample(kept_unmapped, 3)}"
+        )
+    if dropped:
+        notes.append(f"{len(dropped)} modules could not be renamed to kohya names and were dropped: "
+                     f"{_sample(dropped, 3)}")
+    for key in unsupported:
+        why = next((w for s, w in _UNSUPPORTED_WHY.items() if key.endswith(s)), "not supported (ignored)")
+        notes.append(f"{key}: {why}")
+    if unknown:
+        notes.append(f"{len(unknown)} keys not understood: {_sample(unknown, 4)}")
+    nonfinite = [n for n, l in layers.items() if not _finite(l)]
+    if nonfinite:
+        notes.append(
+            f"{len(nonfinite)} layers hold NaN/Inf values (resize/merge/save will refuse them): "
+            f"{_sample(nonfinite, 4)}"
+        )
+
+    lora = Lora(
+        layers=layers,
+        metadata={str(k): str(v) for k, v in (metadata or {}).items()},
+        arch=getattr(table, "arch", None) if table is not None else None,
+    )
+    report = ReadReport(
+        formats=tuple(f for f in LoraFormat if f in formats),
+        modules=len(layers),
+        unknown_keys=tuple(unknown),
+        unmapped_modules=tuple(unmapped),
+        densified=tuple(densified),
+        notes=tuple(notes),
+        unsupported_keys=tuple(unsupported),
+    )
+    return lora, report
+
+
+def _finite(layer: LayerDelta) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _layer_tensors(layer).values())
+
+
+def _hint_other_arch(built: list[_Built], table) -> str:
+    """'; it looks like an SD1 LoRA' when another architecture maps the modules better."""
+    own = getattr(table, "arch", None)
+    best, best_ok = None, 0
+    for arch in Arch:
+        if arch == own:
+            continue
+        try:
+            ok, bad = _score(_names_for(_table_for(arch)), built)
+        except Exception:
+            continue
+        if ok - bad > best_ok:
+            best, best_ok = arch, ok - bad
+    if best is None:
+        return ""
+    return f"; it looks like a LoRA for {best.value} ({best_ok} of {len(built)} modules fit)"
+
+
+# --------------------------------------------------------------------------------------------
+# writers
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # .to() may return the same tensor; clone so that no two saved tensors share storage
+    return t.detach().to(device="cpu", dtype=dtype).contiguous().clone()
+
+
+def _alpha_tensor(alpha: float, dtype: torch.dtype) -> Tensor:
+    """kohya writes alpha as a 0-d tensor in the save dtype; fall back to fp32 when that would round it."""
+    t = torch.tensor(float(alpha), dtype=dtype)
+    if float(t.item()) != float(alpha):
+        t = torch.tensor(float(alpha), dtype=torch.float32)
+    return t
+
+
+def _layer_tensors(layer: LayerDelta) -> dict[str, Tensor]:
+    if isinstance(layer, DiffLayer):
+        return {"diff": layer.diff}
+    parts = {"lora_up.weight": layer.up, "lora_down.weight": layer.down}
+    if layer.mid is not None:
+        parts["lora_mid.weight"] = layer.mid
+    return parts
+
+
+def _write(lora: Lora, dtype: torch.dtype, name_of) -> dict[str, Tensor]:
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"save dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+    out: dict[str, Tensor] = {}
+    nonfinite: list[str] = []
+    overflow: list[str] = []
+    for name, layer in lora.layers.items():
+        parts = _layer_tensors(layer)
+        if not all(bool(torch.isfinite(t).all()) for t in parts.values()):
+            nonfinite.append(name)
+            continue
+        prefix = name_of(name)
+        cast = {suffix: _cast(t, dtype) for suffix, t in parts.items()}
+        if not all(bool(torch.isfinite(t).all()) for t in cast.values()):
+            overflow.append(name)
+        for suffix, t in cast.items():
+            out[f"{prefix}.{suffix}"] = t
+        if isinstance(layer, LoraLayer):
+            out[f"{prefix}.alpha"] = _alpha_tensor(layer.alpha, dtype)
+    if nonfinite:
+        raise NonFiniteError(
+            f"{len(nonfinite)} layers hold NaN/Inf values: {_sample(nonfinite, 6)}", tuple(nonfinite)
+        )
+    if overflow:
+        raise NonFiniteError(
+            f"{len(overflow)} layers overflow {str(dtype).replace('torch.', '')} "
+            f"(|value| > {torch.finfo(dtype).max:g}): {_sample(overflow, 6)}. Save as bfloat16 or "
+            "float32, or lower the strength.",
+            tuple(overflow),
+        )
+    return out
+
+
+def with_uniform_alpha(lora: Lora, alpha: float | None = None) -> Lora:
+    """The same ΔW for every layer, written with one alpha for all low-rank layers.
+
+    Each layer's ``up`` is multiplied by ``alpha_i / alpha`` (so alpha/rank · up @ down is unchanged).
+    ``alpha`` defaults to the most common alpha, so those layers are untouched. Why: diffusers (0.42)
+    converts kohya files with per-layer alphas by alpha *patterns* that miss attention layers, so a
+    dynamic-rank file with alpha = rank loads mis-scaled there; with one alpha it loads exactly (see
+    tests/test_diffusers_oracle.py). ComfyUI, A1111 and kohya read either form identically.
+    """
+    low_rank = {n: l for n, l in lora.layers.items() if isinstance(l, LoraLayer)}
+    if not low_rank:
+        return lora
+    if alpha is None:
+        counts: dict[float, int] = {}
+        for layer in low_rank.values():
+            counts[float(layer.alpha)] = counts.get(float(layer.alpha), 0) + 1
+        alpha = max(counts, key=lambda a: (counts[a], a))
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"a uniform alpha must be a positive number, got {alpha}")
+    layers: dict[str, LayerDelta] = {}
+    for name, layer in lora.layers.items():
+        if isinstance(layer, LoraLayer) and float(layer.alpha) != alpha:
+            factor = float(layer.alpha) / alpha
+            up = (layer.up.float() * factor).to(layer.up.dtype)
+            layer = LoraLayer(up=up, down=layer.down, alpha=alpha, mid=layer.mid)
+        layers[name] = layer
+    return lora.replace(layers=layers)
+
+
+def lora_to_state_dict(lora: Lora, *, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
+    """The kohya state dict of ``lora``: ``<name>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``
+    (0-d, save dtype unless that would round it, then fp32), ``.lora_mid.weight`` for Tucker layers,
+    ``<name>.diff`` for dense layers.
+
+    Tensors are contiguous CPU copies that share no storage. Raises :class:`NonFiniteError` naming
+    the layers when a value is NaN/Inf before the cast or overflows ``dtype`` after it.
+    """
+    return _write(lora, dtype, lambda name: name)
+
+
+def lora_to_comfy_state_dict(
+    lora: Lora, *, dtype: torch.dtype = torch.float16, table=None
+) -> dict[str, Tensor]:
+    """ComfyUI-native key style: ``diffusion_model.<sgm>.lora_up.weight``,
+    ``text_encoders.<clip key>.lora_up.weight`` (what ComfyUI's own LoRA extractor writes, plus
+    ``.alpha``). Needs the key table of ``lora.arch`` (or ``table``); unknown layers raise
+    :class:`MismatchError`."""
+    if table is None:
+        if lora.arch is None:
+            raise MismatchError("the LoRA has no architecture; ComfyUI key names need one (SD1/SD2/SDXL)")
+        table = _table_for(lora.arch)
+    missing = [n for n in lora.layers if table.by_kohya(n) is None]
+    if missing:
+        raise MismatchError(
+            f"{len(missing)} layers are not in the {getattr(table.arch, 'value', table.arch)} key table, "
+            f"so they have no ComfyUI name: {_sample(missing, 4)}"
+        )
+
+    def comfy_name(name: str) -> str:
+        key = table.by_kohya(name).comfy_key
+        stem = key[: -len(".weight")] if key.endswith(".weight") else key
+        return stem if stem.startswith("diffusion_model.") else "text_encoders." + stem
+
+    return _write(lora, dtype, comfy_name)

@@ -1,0 +1,213 @@
+"""Safetensors metadata for LoRAs: kohya ``ss_*`` keys, SAI ModelSpec ``modelspec.*`` keys, Rankwise's
+own ``rankwise.*`` record, and kohya's ``sshs_*`` hashes.
+
+Conventions followed (kohya-ss/sd-scripts ``networks/extract_lora_from_models.py``, ``resize_lora.py``,
+``library/sai_model_spec.py``, ``library/train_util.py``):
+
+* every value is a string (safetensors rejects anything else); nested values are JSON strings;
+* ``ss_network_dim`` / ``ss_network_alpha``: the shared rank / alpha of the linear and 1×1 layers
+  (alpha written as a float, ``"16.0"``), ``"Dynamic"`` when they vary;
+* ``ss_network_args``: JSON with ``conv_dim`` / ``conv_alpha`` (strings) when 3×3 conv layers exist;
+* ModelSpec 1.0.1: SDXL LoRAs name the Stability implementation URL, SD1/SD2 LoRAs ``"diffusers"``;
+  date is ISO-8601 local time without microseconds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Mapping, Sequence
+
+import torch
+
+from .types import Arch, LayerKind, Lora, LoraLayer
+
+Tensor = torch.Tensor
+
+BASE_MODEL_VERSION: dict[Arch, str] = {Arch.SD1: "sd_v1", Arch.SD2: "sd_v2", Arch.SDXL: "sdxl_base_v1-0"}
+MODELSPEC_ARCH: dict[Arch, str] = {
+    Arch.SD1: "stable-diffusion-v1/lora",
+    Arch.SD2: "stable-diffusion-v2-512/lora",
+    Arch.SDXL: "stable-diffusion-xl-v1-base/lora",
+}
+MODELSPEC_IMPLEMENTATION: dict[Arch, str] = {
+    Arch.SD1: "diffusers",
+    Arch.SD2: "diffusers",
+    Arch.SDXL: "https://github.com/Stability-AI/generative-models",
+}
+RESOLUTION: dict[Arch, str] = {Arch.SD1: "512x512", Arch.SD2: "512x512", Arch.SDXL: "1024x1024"}
+SAI_MODEL_SPEC_VERSION = "1.0.1"
+NETWORK_MODULE = "networks.lora"
+DYNAMIC = "Dynamic"
+
+# Bytes above which hashes are computed from a temporary file instead of an in-memory copy.
+HASH_IN_MEMORY_LIMIT = 256 * 2**20
+
+
+def rankwise_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("rankwise")
+    except Exception:  # not installed (running from a checkout)
+        return "0+unknown"
+
+
+def _shared(values: Sequence[float]) -> float | None:
+    distinct = set(values)
+    return values[0] if len(distinct) == 1 else None
+
+
+def _dim_alpha(layers: Sequence[LoraLayer]) -> tuple[str, str]:
+    if not layers:
+        return DYNAMIC, DYNAMIC
+    rank = _shared([layer.rank for layer in layers])
+    alpha = _shared([float(layer.alpha) for layer in layers])
+    return (
+        DYNAMIC if rank is None else str(int(rank)),
+        DYNAMIC if alpha is None or rank is None else str(float(alpha)),
+    )
+
+
+def network_fields(lora: Lora) -> dict[str, str]:
+    """``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``, ``ss_network_args`` for ``lora``."""
+    low_rank = [l for l in lora.layers.values() if isinstance(l, LoraLayer)]
+    linear = [l for l in low_rank if l.kind is not LayerKind.CONV]
+    conv = [l for l in low_rank if l.kind is LayerKind.CONV]
+    dim, alpha = _dim_alpha(linear)
+    args: dict[str, str] = {}
+    if conv:
+        args["conv_dim"], args["conv_alpha"] = _dim_alpha(conv)
+    return {
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
+        "ss_network_args": json.dumps(args),
+    }
+
+
+def iso_date(timestamp: float | None = None) -> str:
+    ts = int(time.time() if timestamp is None else timestamp)
+    return datetime.datetime.fromtimestamp(ts).isoformat()
+
+
+def build_metadata(
+    lora: Lora,
+    *,
+    title: str,
+    method: str,
+    params: Mapping[str, str],
+    merged_from: Sequence[str] = (),
+    carry: Mapping[str, str] | None = None,
+    comment: str | None = None,
+    timestamp: float | None = None,
+) -> dict[str, str]:
+    """Metadata for a LoRA Rankwise writes (all values are strings).
+
+    Args:
+        lora: the result; its layers give dim/alpha, its ``arch`` the base-model keys (omitted when None).
+        title: ``modelspec.title``.
+        method: what made it (``"extract"``, ``"resize"``, ``"merge"``) → ``rankwise.method``.
+        params: the options used → ``rankwise.params`` (JSON of strings).
+        merged_from: input titles/names → ``modelspec.merged_from`` (comma-joined).
+        carry: ``ss_*`` training keys of the input(s) to carry forward; Rankwise's own values override
+            them. Other keys in ``carry`` are ignored.
+        comment: appended to the carried ``ss_training_comment`` (``"old; new"``).
+        timestamp: seconds since the epoch for ``modelspec.date`` (default: now).
+    """
+    out: dict[str, str] = {}
+    carried = {str(k): str(v) for k, v in (carry or {}).items() if str(k).startswith("ss_")}
+    out.update(carried)
+    out.update(network_fields(lora))
+    arch = lora.arch
+    v_pred = False
+    if arch is not None:
+        base = BASE_MODEL_VERSION[arch]
+        if arch is Arch.SD2 and carried.get("ss_base_model_version") == "sd_v2_v":
+            base, v_pred = "sd_v2_v", True
+        out["ss_base_model_version"] = base
+        out["ss_v2"] = str(arch is Arch.SD2)
+    old_comment = carried.get("ss_training_comment", "")
+    if comment:
+        out["ss_training_comment"] = f"{old_comment}; {comment}" if old_comment else comment
+    out["modelspec.sai_model_spec"] = SAI_MODEL_SPEC_VERSION
+    if arch is not None:
+        out["modelspec.architecture"] = (
+            "stable-diffusion-v2-768-v/lora" if v_pred else MODELSPEC_ARCH[arch]
+        )
+        out["modelspec.implementation"] = MODELSPEC_IMPLEMENTATION[arch]
+        out["modelspec.resolution"] = "768x768" if v_pred else RESOLUTION[arch]
+        out["modelspec.prediction_type"] = "v" if v_pred else "epsilon"
+    out["modelspec.title"] = str(title)
+    out["modelspec.date"] = iso_date(timestamp)
+    if merged_from:
+        out["modelspec.merged_from"] = ", ".join(str(m) for m in merged_from)
+    out["rankwise.version"] = rankwise_version()
+    out["rankwise.method"] = str(method)
+    out["rankwise.params"] = json.dumps({str(k): str(v) for k, v in params.items()}, sort_keys=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# kohya / sd-webui-additional-networks hashes
+
+
+def _hashes_of_bytes(data: bytes) -> tuple[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    model = hashlib.sha256(memoryview(data)[8 + n :]).hexdigest()
+    legacy = hashlib.sha256(memoryview(data)[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    return model, legacy
+
+
+def safetensors_file_hashes(path: str | os.PathLike) -> tuple[str, str]:
+    """(addnet model hash, addnet legacy hash) of a .safetensors file as it is on disk.
+
+    Model hash: SHA-256 of every byte after the 8-byte length and the JSON header. Legacy hash: first 8
+    hex digits of the SHA-256 of the 0x10000 bytes at offset 0x100000 (empty input for small files).
+    """
+    model = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        for chunk in iter(lambda: f.read(2**20), b""):
+            model.update(chunk)
+        f.seek(0x100000)
+        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    return model.hexdigest(), legacy
+
+
+def safetensors_hashes(
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str],
+    *,
+    spill_dir: str | os.PathLike | None = None,
+) -> tuple[str, str]:
+    """``(sshs_model_hash, sshs_legacy_hash)`` exactly as kohya's ``precalculate_safetensors_hashes``.
+
+    kohya serialises ``tensors`` with only the ``ss_*`` metadata and hashes that byte string (see
+    :func:`safetensors_file_hashes`). The model hash covers the tensor data only, so it equals the
+    addnet hash of any file holding the same tensors; the legacy hash depends on the header too.
+
+    Above ``HASH_IN_MEMORY_LIMIT`` bytes the serialisation goes to a temporary file (in ``spill_dir``
+    when given) instead of memory; the result is the same.
+    """
+    import safetensors.torch
+
+    ss_only = {str(k): str(v) for k, v in metadata.items() if str(k).startswith("ss_")}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if total <= HASH_IN_MEMORY_LIMIT:
+        return _hashes_of_bytes(safetensors.torch.save(dict(tensors), ss_only))
+    fd, tmp = tempfile.mkstemp(suffix=".hash.tmp", dir=None if spill_dir is None else os.fspath(spill_dir))
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(dict(tensors), tmp, metadata=ss_only)
+        return safetensors_file_hashes(tmp)
+    finally:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,411 @@
+"""Where weights come from: a file read tensor by tensor, a state dict, or a re-keyed view.
+
+A :class:`WeightSource` is anything that lists its keys, tells a key's shape without loading it, and
+hands out one tensor at a time (any dtype, CPU is fine). The extraction engine only ever holds the
+tensors of one layer per side, so a source backed by a memory-mapped ``.safetensors`` file keeps the
+anonymous memory of a whole SDXL pair under a few hundred MB.
+
+:func:`preflight` checks that two sources form a pair Rankwise can subtract: the same architecture,
+the same layer keys and the same shapes. It returns the key table of that architecture (full-size or
+the tiny test variant, whichever the shapes match) and a :class:`PairReport`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Protocol, runtime_checkable
+
+import torch
+
+from .archs import SIZES, Component, KeyTable, LayerSpec, detect_arch, key_table
+from .errors import FormatError, MismatchError
+from .types import Arch
+
+Tensor = torch.Tensor
+
+_SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+_MAX_LISTED = 20
+
+
+@runtime_checkable
+class WeightSource(Protocol):
+    """Weights, key by key. ``get`` may return any dtype on any device; callers upcast."""
+
+    name: str
+
+    def keys(self) -> Iterable[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def get(self, key: str) -> Tensor: ...
+
+
+def source_dtype(source: WeightSource, key: str) -> torch.dtype:
+    """A key's dtype, without loading the tensor when the source can tell (``dtype(key)``)."""
+    fn = getattr(source, "dtype", None)
+    if callable(fn):
+        return fn(key)
+    return source.get(key).dtype
+
+
+def source_path(source: WeightSource) -> Path | None:
+    """The file behind a source, if any (used to refuse writing over an input)."""
+    path = getattr(source, "path", None)
+    return Path(path) if path is not None else None
+
+
+class StateDictSource:
+    """An in-memory mapping key → tensor (tests, ComfyUI adapters, loaded ``.ckpt`` files)."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], name: str = "state dict", path: str | os.PathLike | None = None) -> None:
+        self._tensors = tensors
+        self.name = name
+        self.path = None if path is None else Path(path)
+        self.metadata: Mapping[str, str] = {}
+
+    def keys(self) -> Iterable[str]:
+        return self._tensors.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def get(self, key: str) -> Tensor:
+        return self._tensors[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "StateDictSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"StateDictSource({self.name!r}, {len(self._tensors)} tensors)"
+
+
+class FileSource:
+    """A checkpoint file: ``.safetensors`` streamed from a memory map, or a safely loaded ``.ckpt``.
+
+    ``.ckpt``/``.pt`` files are pickles; they are read with ``io.load_state_dict`` (weights only,
+    never arbitrary code) and held in memory, so they cost their full size in RAM.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from . import io as rw_io  # late: io pulls in safetensors and metadata helpers
+
+        self.path = Path(path)
+        self.name = self.path.name
+        if not self.path.is_file():
+            raise FormatError(f"checkpoint file not found: {self.path}")
+        self._stream = None
+        self._tensors: Mapping[str, Tensor] | None = None
+        if self.path.suffix.lower() in _SAFETENSORS_SUFFIXES:
+            self._stream = rw_io.SafetensorsSource(self.path)
+            self.metadata: Mapping[str, str] = dict(getattr(self._stream, "metadata", None) or {})
+        else:
+            self._tensors, meta = rw_io.load_state_dict(self.path)
+            self.metadata = dict(meta)
+
+    def keys(self) -> Iterable[str]:
+        if self._stream is not None:
+            return self._stream.keys()
+        return self._tensors.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._stream is not None:
+            return tuple(int(s) for s in self._stream.shape(key))
+        return tuple(int(s) for s in self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        if self._stream is not None:
+            return self._stream.dtype(key)
+        return self._tensors[key].dtype
+
+    def get(self, key: str) -> Tensor:
+        if self._stream is not None:
+            return self._stream.get(key)
+        return self._tensors[key]
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self._tensors = None
+
+    def __enter__(self) -> "FileSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FileSource({str(self.path)!r})"
+
+
+class PrefixedSource:
+    """A re-keyed view: each ``inner prefix → exposed prefix`` pair renames matching keys.
+
+    ``PrefixedSource(comfy_unet_sd, {"diffusion_model.": "model.diffusion_model."})`` shows a ComfyUI
+    UNet state dict under checkpoint keys. Keys that match no prefix are hidden unless
+    ``keep_unmatched`` is set. The longest matching inner prefix wins.
+    """
+
+    def __init__(self, inner: WeightSource, prefixes: Mapping[str, str], *, keep_unmatched: bool = False,
+                 name: str | None = None) -> None:
+        self._inner = inner
+        self._prefixes = sorted(dict(prefixes).items(), key=lambda kv: len(kv[0]), reverse=True)
+        self._keep = keep_unmatched
+        self.name = name or getattr(inner, "name", "source")
+        self.path = source_path(inner)
+        self.metadata: Mapping[str, str] = dict(getattr(inner, "metadata", None) or {})
+        self._map: dict[str, str] | None = None
+
+    def _mapping(self) -> dict[str, str]:
+        if self._map is None:
+            out: dict[str, str] = {}
+            for key in self._inner.keys():
+                for src, dst in self._prefixes:
+                    if key.startswith(src):
+                        out[dst + key[len(src):]] = key
+                        break
+                else:
+                    if self._keep:
+                        out[key] = key
+            self._map = out
+        return self._map
+
+    def keys(self) -> Iterable[str]:
+        return self._mapping().keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._inner.shape(self._mapping()[key]))
+
+    def dtype(self, key: str) -> torch.dtype:
+        return source_dtype(self._inner, self._mapping()[key])
+
+    def get(self, key: str) -> Tensor:
+        return self._inner.get(self._mapping()[key])
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "PrefixedSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_source(path: str | os.PathLike) -> FileSource:
+    """Open a checkpoint file as a :class:`WeightSource` (close it, or use ``with``)."""
+    return FileSource(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Key styles and the pair check
+# ---------------------------------------------------------------------------------------------
+
+
+class KeyStyle(str, enum.Enum):
+    """Which key of a :class:`LayerSpec` names a layer's tensor in a source."""
+
+    CHECKPOINT = "checkpoint"  # original single-file checkpoint (OpenCLIP TEs fused q/k/v)
+    COMFY = "comfy"  # ComfyUI model / CLIP state dicts (diffusion_model.…, clip_l.transformer.…)
+
+
+def layer_source_key(spec: LayerSpec, style: KeyStyle) -> tuple[str, tuple[int, int] | None]:
+    """The source key of a layer and the row slice to take from it (fused q/k/v), per key style."""
+    if KeyStyle(style) is KeyStyle.COMFY:
+        return spec.comfy_key, None
+    return spec.checkpoint_key, spec.rows
+
+
+def read_layer(source: WeightSource, spec: LayerSpec, style: KeyStyle = KeyStyle.CHECKPOINT) -> Tensor:
+    """One layer's weight as stored (rows sliced for fused tensors), not upcast."""
+    key, rows = layer_source_key(spec, style)
+    t = source.get(key)
+    return t[rows[0]:rows[1]] if rows is not None else t
+
+
+@dataclass(frozen=True)
+class PairReport:
+    """What :func:`compare_pair` found. ``layers`` counts key-table layers present on both sides."""
+
+    arch: Arch
+    keys_compared: int
+    layers: int
+    missing_in_tuned: tuple[str, ...] = ()
+    missing_in_base: tuple[str, ...] = ()
+    shape_mismatches: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    notes: tuple[str, ...] = ()
+    key_style: KeyStyle = KeyStyle.CHECKPOINT
+    components: tuple[Component, ...] = ()  # components present on both sides
+    size: str = "full"  # which key table matched: "full" or "tiny"
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing_in_tuned or self.missing_in_base or self.shape_mismatches)
+
+
+def _shapes(source: WeightSource) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(int(s) for s in source.shape(k)) for k in source.keys()}
+
+
+def _detect(source: WeightSource, shapes: Mapping[str, tuple[int, ...]]) -> Arch:
+    try:
+        return detect_arch(shapes)
+    except FormatError as e:
+        raise FormatError(f"{source.name}: {e}") from None
+
+
+def _expected_shape(table: KeyTable, key: str, spec: LayerSpec, style: KeyStyle) -> tuple[int, ...]:
+    return table.checkpoint_shape(key) if style is KeyStyle.CHECKPOINT else spec.shape
+
+
+def _table_keys(table: KeyTable, style: KeyStyle) -> dict[str, tuple[LayerSpec, ...]]:
+    """Source key → the layers read from it, in table order."""
+    out: dict[str, list[LayerSpec]] = {}
+    for spec in table.layers:
+        key, _ = layer_source_key(spec, style)
+        out.setdefault(key, []).append(spec)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _pick_table(arch: Arch, shapes: Mapping[str, tuple[int, ...]], style: KeyStyle) -> tuple[KeyTable, str]:
+    best: tuple[int, KeyTable, str] | None = None
+    for size in SIZES:
+        table = key_table(arch, size)
+        hits = 0
+        for key, specs in _table_keys(table, style).items():
+            if shapes.get(key) == _expected_shape(table, key, specs[0], style):
+                hits += 1
+        if best is None or hits > best[0]:
+            best = (hits, table, size)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _listing(items: list[str], what: str) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = f" … and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return f"{len(items)} {what}: {shown}{more}"
+
+
+def compare_pair(base: WeightSource, tuned: WeightSource, *,
+                 key_style: KeyStyle | str = KeyStyle.CHECKPOINT) -> tuple[KeyTable, PairReport]:
+    """Compare two sources without raising on key or shape differences (see :func:`preflight`).
+
+    Raises:
+        MismatchError: the two sources are different architectures.
+        FormatError: a source's architecture cannot be detected.
+    """
+    style = KeyStyle(key_style)
+    base_shapes, tuned_shapes = _shapes(base), _shapes(tuned)
+    arch_b, arch_t = _detect(base, base_shapes), _detect(tuned, tuned_shapes)
+    if arch_b is not arch_t:
+        raise MismatchError(
+            f"architectures differ: base {base.name!r} is {arch_b.value.upper()}, tuned {tuned.name!r} is "
+            f"{arch_t.value.upper()}; extract from two checkpoints of the same family"
+        )
+    table, size = _pick_table(arch_b, base_shapes, style)
+    tuned_table, tuned_size = _pick_table(arch_b, tuned_shapes, style)
+    if tuned_size != size:
+        raise MismatchError(
+            f"model sizes differ: base {base.name!r} matches the {size} {arch_b.value} table, tuned "
+            f"{tuned.name!r} the {tuned_size} one"
+        )
+
+    by_key = _table_keys(table, style)
+    missing_t: list[str] = []
+    missing_b: list[str] = []
+    mismatches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    compared = 0
+    present: dict[Component, list[int]] = {}  # component → [keys on both, base only, tuned only]
+    for key, specs in by_key.items():
+        comp = specs[0].component
+        counts = present.setdefault(comp, [0, 0, 0])
+        in_b, in_t = key in base_shapes, key in tuned_shapes
+        if in_b and in_t:
+            counts[0] += 1
+            compared += 1
+            if base_shapes[key] != tuned_shapes[key]:
+                mismatches.append((key, base_shapes[key], tuned_shapes[key]))
+        elif in_b:
+            counts[1] += 1
+            missing_t.append(key)
+        elif in_t:
+            counts[2] += 1
+            missing_b.append(key)
+
+    notes: list[str] = []
+    components: list[Component] = []
+    dropped: set[Component] = set()
+    for comp, (both, only_b, only_t) in present.items():
+        if both:
+            components.append(comp)
+        elif comp is not Component.UNET and (only_b or only_t):
+            # A whole text encoder absent on one side (e.g. a UNet-only file): leave it out, say so.
+            side = tuned.name if only_b else base.name
+            notes.append(f"text encoder {comp.value} is absent from {side!r}; it is left out of the comparison")
+            dropped.add(comp)
+    if dropped:
+        missing_t = [k for k in missing_t if by_key[k][0].component not in dropped]
+        missing_b = [k for k in missing_b if by_key[k][0].component not in dropped]
+    layers = sum(len(specs) for key, specs in by_key.items()
+                 if key in base_shapes and key in tuned_shapes and specs[0].component in components)
+    report = PairReport(
+        arch=arch_b,
+        keys_compared=compared,
+        layers=layers,
+        missing_in_tuned=tuple(missing_t),
+        missing_in_base=tuple(missing_b),
+        shape_mismatches=tuple(mismatches),
+        notes=tuple(notes),
+        key_style=style,
+        components=tuple(components),
+        size=size,
+    )
+    return table, report
+
+
+def preflight(base: WeightSource, tuned: WeightSource, *,
+              key_style: KeyStyle | str = KeyStyle.CHECKPOINT) -> tuple[KeyTable, PairReport]:
+    """Check that ``base`` and ``tuned`` form a pair: same architecture, layer keys and shapes.
+
+    A text encoder missing entirely from one side is left out with a note (UNet-only files);
+    any other difference raises.
+
+    Raises:
+        MismatchError: different architectures, or keys/shapes that differ (up to 20 listed + count).
+        FormatError: an architecture cannot be detected.
+    """
+    table, report = compare_pair(base, tuned, key_style=key_style)
+    problems: list[str] = []
+    if report.missing_in_tuned:
+        problems.append(_listing(list(report.missing_in_tuned), f"keys missing in tuned {tuned.name!r}"))
+    if report.missing_in_base:
+        problems.append(_listing(list(report.missing_in_base), f"keys missing in base {base.name!r}"))
+    if report.shape_mismatches:
+        items = [f"{k} {list(b)} vs {list(t)}" for k, b, t in report.shape_mismatches]
+        problems.append(_listing(items, "shape mismatches (base vs tuned)"))
+    if problems:
+        raise MismatchError(
+            f"{base.name!r} and {tuned.name!r} ({report.arch.value}) do not match layer for layer; "
+            + "; ".join(problems)
+            + ". Use two checkpoints of the same model family and layout."
+        )
+    if report.layers == 0:
+        raise MismatchError(f"{base.name!r} and {tuned.name!r} share no {report.arch.value} layer to compare")
+    return table, report
