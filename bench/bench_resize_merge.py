@@ -3,8 +3,10 @@
 What it measures, in one run, on synthetic rank-128 LoRAs covering every layer of the key table
 (UNet incl. conv + text encoders, ``synthetic.random_lora`` preset ALL, fp16 on disk):
 
-1. resize 128 → 32 and 128 → sv_fro 0.9, timed end to end (read file, resize, write file) at
-   ``--threads`` (wall + process CPU), and the resize compute alone at 1 thread (CPU seconds);
+1. resize 128 → 32 and 128 → sv_fro 0.9, timed end to end (read file, resize, write file) with
+   ``--workers`` layers at a time × ``--threads`` BLAS threads (default 2 × 1: one layer per core;
+   2-thread BLAS on small matrices collapses on a busy machine), wall + process CPU, and the resize
+   compute alone, sequential at 1 thread (CPU seconds);
 2. exactness: per-layer error / Eckart–Young optimum from the report (must be ≤ 1.001) and the
    singular values of a sample of layers against a dense fp64 SVD;
 3. the kohya baseline: form ΔW = up@down and ``torch.linalg.svd(full_matrices=True)`` (what
@@ -35,6 +37,7 @@ from rankwise.core.io import load_lora, save_lora
 from rankwise.core.merge import MergeInput, MergeMode, merge
 from rankwise.core.rank import RankPolicy, RankRule
 from rankwise.core.resize import resize
+from rankwise.core.svd import set_threads
 from rankwise.core.synthetic import random_lora
 from rankwise.core.types import Arch, Lora, as_matrix
 
@@ -64,7 +67,7 @@ def shape_counts(lora: Lora) -> dict[tuple[int, int], int]:
 
 def kohya_baseline(counts: dict[tuple[int, int], int], rank: int, terms: int) -> tuple[float, float]:
     """(resize seconds, merge-of-``terms`` seconds), 1-thread CPU, summed over the shape counts."""
-    torch.set_num_threads(1)
+    set_threads(1)
     g = torch.Generator().manual_seed(0)
     resize_total = merge_total = 0.0
     for (m, n), count in sorted(counts.items()):
@@ -120,7 +123,8 @@ def report_line(label: str, rep) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="SD1.5 attention/MLP layers + TE instead of full SDXL")
-    p.add_argument("--threads", type=int, default=2, help="threads for the end-to-end timings (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch/BLAS threads for the end-to-end timings (default 1)")
+    p.add_argument("--workers", type=int, default=2, help="layers processed concurrently (default 2: one per core)")
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--skip-merge", action="store_true")
     p.add_argument("--skip-baseline", action="store_true")
@@ -130,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     arch, preset = (Arch.SD1, LayerPreset.ATTN_MLP) if args.quick else (Arch.SDXL, LayerPreset.ALL)
     table = key_table(arch)
     print(f"bench_resize_merge: {arch.value} preset {preset.value}, rank {args.rank}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, end-to-end at {args.threads} thread(s)", flush=True)
+          f"{os.cpu_count()} CPUs, end-to-end with {args.workers} worker(s) × {args.threads} thread(s); "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     work = tempfile.TemporaryDirectory(dir=args.dir)
     src_path = os.path.join(work.name, "in.safetensors")
 
@@ -143,23 +148,24 @@ def main(argv: list[str] | None = None) -> int:
           f"(generated in {t.wall:.1f}s)", flush=True)
 
     results: dict[str, float] = {}
+    cfg = f"{args.workers} worker(s) × {args.threads} thread(s)"
     for label, rule in (("rank 32", "32"), ("sv_fro 0.9", "sv_fro:0.9")):
         policy = RankPolicy(RankRule.parse(rule), max_rank=args.rank)
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         out_path = os.path.join(work.name, f"out_{rule.replace(':', '_')}.safetensors")
         with Timer() as t_all:
             with Timer() as t_read:
                 loaded, _ = load_lora(src_path)
             with Timer() as t_comp:
-                out, rep = resize(loaded, policy)
+                out, rep = resize(loaded, policy, workers=args.workers)
             with Timer() as t_write:
                 save_lora(out, out_path, dtype=torch.float16)
-        torch.set_num_threads(1)
+        set_threads(1)
         with Timer() as t_one:
             resize(loaded, policy)
         results[f"resize {label} wall"] = t_all.wall
         results[f"resize {label} 1T cpu"] = t_one.cpu
-        print(f"  resize → {label}: end to end {t_all.wall:.2f}s wall / {t_all.cpu:.2f}s CPU at {args.threads}T "
+        print(f"  resize → {label}: end to end {t_all.wall:.2f}s wall / {t_all.cpu:.2f}s CPU ({cfg}) "
               f"(read {t_read.wall:.2f}s, resize {t_comp.wall:.2f}s, write {t_write.wall:.2f}s); "
               f"resize alone at 1T: {t_one.cpu:.2f} CPU-s", flush=True)
         print("    " + report_line(label, rep), flush=True)
@@ -179,24 +185,24 @@ def main(argv: list[str] | None = None) -> int:
         for label in ("rank 32", "sv_fro 0.9"):
             print(f"    speed-up resize {label}: {base_resize / results[f'resize {label} 1T cpu']:.0f}× "
                   f"(1T compute vs 1T compute); {base_resize / results[f'resize {label} wall']:.0f}× "
-                  f"(1T kohya vs our {args.threads}T wall incl. I/O)", flush=True)
+                  f"(1T kohya vs our wall incl. I/O, {cfg})", flush=True)
 
     if not args.skip_merge:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         others = [random_lora(table, rank=args.rank, seed=s, preset=preset, dtype=torch.float16) for s in (1, 2, 3)]
         ratios = (0.7, -0.4, 1.1, -1.0)
         inputs = [MergeInput(x, w, f"lora{i}") for i, (x, w) in enumerate(zip([loaded] + others, ratios))]
         policy = RankPolicy(RankRule.parse(str(args.rank)))
         with Timer() as t_m:
-            merged, mrep = merge(inputs, mode=MergeMode.SVD, policy=policy)
-        print(f"  SVD merge 4 × rank {args.rank} → {args.rank}: {t_m.wall:.1f}s wall / {t_m.cpu:.1f}s CPU at "
-              f"{args.threads}T", flush=True)
+            merged, mrep = merge(inputs, mode=MergeMode.SVD, policy=policy, workers=args.workers)
+        print(f"  SVD merge 4 × rank {args.rank} → {args.rank}: {t_m.wall:.1f}s wall / {t_m.cpu:.1f}s CPU ({cfg}), "
+              f"inputs in memory", flush=True)
         print("    " + report_line("merge", mrep), flush=True)
         if not args.skip_baseline:
             print(f"    speed-up vs dense ΔW + full SVD (1T kohya estimate): {base_merge / t_m.wall:.1f}× "
-                  f"(vs our {args.threads}T wall), {base_merge / t_m.cpu:.1f}× (CPU-s vs CPU-s)", flush=True)
+                  f"(vs our wall, {cfg}), {base_merge / t_m.cpu:.1f}× (CPU-s vs CPU-s)", flush=True)
         with Timer() as t_c:
-            cat, crep = merge(inputs, mode=MergeMode.CONCAT, dtype=torch.float32)
+            cat, crep = merge(inputs, mode=MergeMode.CONCAT, dtype=torch.float32, workers=args.workers)
         worst = 0.0
         for name in sample_names(cat, 12):
             want = sum(w * as_matrix(x.lora.layers[name].delta()).double() for x, w in zip(inputs, ratios))

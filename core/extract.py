@@ -53,11 +53,11 @@ from .clip import DEFAULT_TE_THRESHOLD, EncoderDiff, text_encoder_report
 from .errors import NonFiniteError, RankwiseError
 from .metadata import build_metadata
 from .progress import ProgressFn, report as report_progress
-from .rank import RankPolicy, Spectrum, select_rank
+from .rank import RankChoice, RankPolicy, Spectrum, select_rank
 from .report import LayerStat, Report
 from .sources import KeyStyle, PairReport, WeightSource, layer_source_key, preflight
 from .svd import Decomposition, SvdMethod, decompose, set_threads, split_factors
-from .types import Lora, LoraLayer, as_matrix, factors_to_layer_shapes
+from .types import LayerKind, Lora, LoraLayer, as_matrix, factors_to_layer_shapes
 
 Tensor = torch.Tensor
 
@@ -231,9 +231,9 @@ class _Out:
     """What one policy accumulates."""
 
     policy: RankPolicy
-    layers: dict = field(default_factory=dict)
-    stats: list = field(default_factory=list)
-    kept_fp32: list = field(default_factory=list)
+    layers: dict[str, LoraLayer] = field(default_factory=dict)
+    stats: list[LayerStat] = field(default_factory=list)
+    kept_fp32: list[str] = field(default_factory=list)
 
 
 def _run(
@@ -403,7 +403,7 @@ def _layer(item: _Item, outs: list[_Out], options: ExtractOptions, device: torch
     return spectrum
 
 
-def _choose(dec: Decomposition, policy: RankPolicy, kind, is_te: bool):
+def _choose(dec: Decomposition, policy: RankPolicy, kind: LayerKind, is_te: bool) -> RankChoice:
     return select_rank(dec.spectrum, policy.rule, cap=policy.cap(kind, is_te), min_rank=policy.min_rank,
                        kohya_compat=policy.kohya_compat)
 

@@ -39,18 +39,20 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 
 from .errors import FormatError, MismatchError, NonFiniteError
 from .types import Arch, DiffLayer, LayerDelta, Lora, LoraLayer
 
+if TYPE_CHECKING:
+    from .archs import KeyTable
+
 Tensor = torch.Tensor
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")
-FP16_MAX = 65504.0
 
 
 class LoraFormat(str, enum.Enum):
@@ -403,38 +405,27 @@ def _candidates(name: str) -> list[str]:
 
 
 class _Names:
-    """Every accepted spelling of every layer of one key table → its LayerSpec."""
+    """Looks module names up in one key table, in every spelling the table knows
+    (kohya and its other UNet spelling, ComfyUI keys, diffusers paths)."""
 
-    def __init__(self, table) -> None:
+    def __init__(self, table: KeyTable) -> None:
         self.table = table
-        self.alias: dict[str, object] = {}
-        for spec in table.layers:
-            for a in self._aliases(spec):
-                self.alias.setdefault(a, spec)
 
-    @staticmethod
-    def _aliases(spec) -> list[str]:
-        out = [spec.kohya]
-        comfy = getattr(spec, "comfy_key", "") or ""
-        if comfy.endswith(".weight"):
-            stem = comfy[: -len(".weight")]
-            if stem.startswith("diffusion_model."):
-                out.append(stem)
-                out.append("lora_unet_" + stem[len("diffusion_model.") :].replace(".", "_"))
-            else:
-                out.append("text_encoders." + stem)
-        diffusers = getattr(spec, "diffusers", "") or ""
-        if diffusers:
-            out.append(diffusers)
-            if diffusers.startswith("unet."):
-                out.append("lora_unet_" + diffusers[len("unet.") :].replace(".", "_"))
-        return out
+    def _lookup(self, candidate: str):
+        t = self.table
+        if candidate.startswith("lora_"):
+            return t.by_lora_name(candidate)
+        if candidate.startswith("diffusion_model."):
+            return t.by_comfy_key(candidate + ".weight")
+        if candidate.startswith("text_encoders."):
+            return t.by_comfy_key(candidate[len("text_encoders.") :] + ".weight")
+        return t.by_diffusers(candidate)
 
-    def resolve(self, name: str, numel: int | None) -> tuple[object | None, bool]:
-        """(spec, ambiguous). Prefers a spec whose weight size matches ``numel``."""
+    def resolve(self, name: str, numel: int | None):
+        """(LayerSpec | None, ambiguous). Prefers a spec whose weight size matches ``numel``."""
         hits = []
         for c in _candidates(name):
-            spec = self.alias.get(c)
+            spec = self._lookup(c)
             if spec is not None and spec not in hits:
                 hits.append(spec)
         if not hits:
@@ -457,18 +448,6 @@ def _table_for(arch: Arch, size: str = "full"):
 
 
 _TABLE_SIZES = ("full", "tiny")  # tiny: the test/demo tables (same names, tiny shapes)
-_NAMES_CACHE: dict[int, tuple[object, "_Names"]] = {}
-
-
-def _names_for(table) -> "_Names":
-    hit = _NAMES_CACHE.get(id(table))
-    if hit is not None and hit[0] is table:
-        return hit[1]
-    names = _Names(table)
-    if len(_NAMES_CACHE) > 32:
-        _NAMES_CACHE.clear()
-    _NAMES_CACHE[id(table)] = (table, names)  # keeps the table alive, so the id stays unique
-    return names
 
 
 def arch_from_metadata(metadata: Mapping[str, str] | None) -> Arch | None:
@@ -638,7 +617,7 @@ def _choose_table(built: list[_Built], metadata: Mapping[str, str] | None):
                 table = _table_for(arch, size)
             except Exception:
                 continue
-            ok, bad = _score(_names_for(table), built)
+            ok, bad = _score(_Names(table), built)
             key = (ok - bad, arch == named, arch == hint)
             if ok > 0 and (best_key is None or key > best_key):
                 best, best_key = table, key
@@ -652,9 +631,139 @@ def _table_of_arch(arch: Arch, built: list[_Built]):
         tiny = _table_for(arch, "tiny")
     except Exception:
         return full
-    f_ok, f_bad = _score(_names_for(full), built)
-    t_ok, t_bad = _score(_names_for(tiny), built)
+    f_ok, f_bad = _score(_Names(full), built)
+    t_ok, t_bad = _score(_Names(tiny), built)
     return tiny if t_ok - t_bad > f_ok - f_bad else full
+
+
+@dataclass
+class _Mapped:
+    """Built modules renamed onto a key table (or kept as they are without one)."""
+
+    layers: dict[str, LayerDelta]
+    formats: set[LoraFormat]
+    unmapped: list[str]  # understood modules not (or not fitting) in the table
+    kept: list[str]  # unmapped kohya-named modules kept under their own name
+    dropped: list[str]  # unmapped foreign-named modules
+    mismatched: list[str]  # "name: file has …, arch expects …"
+    densified: list[str]
+    notes: list[str]
+
+
+def _arch_label(table) -> str:
+    arch = getattr(table, "arch", None)
+    return str(getattr(arch, "value", arch))
+
+
+def _map_modules(built: list[_Built], table) -> _Mapped:
+    names = _Names(table) if table is not None else None
+    out = _Mapped({}, set(), [], [], [], [], [], [])
+    for b in built:
+        naming = _naming_format(b.name)
+        if naming is not None:  # ComfyUI names with kohya suffixes are one format: COMFY
+            out.formats |= (b.formats - {LoraFormat.KOHYA}) | {naming}
+        else:
+            out.formats |= b.formats
+        target, layer = b.name, b.layer
+        if names is not None:
+            spec, ambiguous = names.resolve(b.name, _numel(b.layer.weight_shape))
+            if spec is None:
+                out.unmapped.append(b.name)
+                if not _kohya_named(b.name):
+                    out.dropped.append(b.name)
+                    continue
+                out.kept.append(b.name)
+            else:
+                shape = tuple(int(s) for s in spec.shape)
+                layer = _fit_to_spec(b.layer, shape)
+                if layer is None:
+                    out.unmapped.append(b.name)
+                    out.mismatched.append(
+                        f"{b.name}: file has ΔW {tuple(b.layer.weight_shape)}, {_arch_label(table)} expects {shape}"
+                    )
+                    continue
+                target = spec.kohya
+                if ambiguous:
+                    out.notes.append(f"{b.name}: several layers match this name; mapped to {target}")
+        if target in out.layers:
+            raise FormatError(
+                f"two modules map to the same layer {target} (the second is {b.name}); "
+                "the file mixes naming styles for one layer"
+            )
+        out.layers[target] = layer
+        if b.densified:
+            out.densified.append(target)
+    return out
+
+
+def _check_fit(mapped: _Mapped, built: list[_Built], table, explicit: bool) -> None:
+    """MismatchError when the LoRA is evidently for another architecture than ``table``'s."""
+    if table is None:
+        return
+    label = _arch_label(table)
+    if mapped.mismatched and (explicit or len(mapped.mismatched) * 2 > len(built)):
+        raise MismatchError(
+            f"{len(mapped.mismatched)} LoRA layers do not fit {label}: {_sample(mapped.mismatched, 4)}. "
+            "Is this LoRA for another model (SD1 / SD2 / SDXL)?"
+        )
+    if len(mapped.layers) == len(mapped.kept):
+        raise MismatchError(
+            f"none of the {len(built)} LoRA modules belong to {label} "
+            f"(e.g. {_sample([b.name for b in built], 3)}){_hint_other_arch(built, table)}"
+        )
+    if explicit and len(mapped.unmapped) * 2 > len(built):
+        raise MismatchError(
+            f"{len(mapped.unmapped)} of {len(built)} LoRA modules are not layers of {label} "
+            f"(e.g. {_sample(mapped.unmapped, 4)}){_hint_other_arch(built, table)}"
+        )
+
+
+def _report_notes(mapped: _Mapped, table, unknown: list[str], unsupported: list[str]) -> list[str]:
+    label = _arch_label(table)
+    notes = list(mapped.notes)
+    if mapped.mismatched:
+        notes.append(
+            f"{len(mapped.mismatched)} modules with shapes that do not fit {label} dropped: "
+            f"{_sample(mapped.mismatched, 3)}"
+        )
+    if mapped.kept:
+        notes.append(
+            f"{len(mapped.kept)} kohya-named modules are not in the {label} key table; "
+            f"kept under their own names: {_sample(mapped.kept, 3)}"
+        )
+    if mapped.dropped:
+        notes.append(
+            f"{len(mapped.dropped)} modules could not be renamed to kohya names and were dropped: "
+            f"{_sample(mapped.dropped, 3)}"
+        )
+    for key in unsupported:
+        why = next((w for s, w in _UNSUPPORTED_WHY.items() if key.endswith(s)), "not supported (ignored)")
+        notes.append(f"{key}: {why}")
+    if unknown:
+        notes.append(f"{len(unknown)} keys not understood: {_sample(unknown, 4)}")
+    nonfinite = [n for n, layer in mapped.layers.items() if not _finite(layer)]
+    if nonfinite:
+        notes.append(
+            f"{len(nonfinite)} layers hold NaN/Inf values (resize/merge/save will refuse them): "
+            f"{_sample(nonfinite, 4)}"
+        )
+    return notes
+
+
+def _refuse_unreadable(keys: list[str]) -> None:
+    positional = [k for k in keys if _CLONEOFSIMO_KEY.match(k)]
+    if positional:
+        raise FormatError(
+            f"this is a cloneofsimo 'lora' file (keys like {_sample(positional, 3)}): its layers are "
+            "numbered by position in the model, not named, so they cannot be mapped safely. Convert it "
+            "with the cloneofsimo tools (e.g. to a diffusers/kohya LoRA) first."
+        )
+    raise FormatError(
+        f"no LoRA module recognised among {len(keys)} keys (e.g. {_sample(keys, 5)}). Rankwise reads "
+        "kohya/LoCon (lora_up/lora_down/alpha), LoHa (hada_*), LoKr (lokr_*), full (.diff), "
+        "PEFT (lora_A/lora_B), diffusers (lora.up/lora_linear_layer) and ComfyUI "
+        "(diffusion_model.*) keys."
+    )
 
 
 def lora_from_state_dict(
@@ -662,7 +771,7 @@ def lora_from_state_dict(
     metadata: Mapping[str, str] | None = None,
     *,
     arch: Arch | None = None,
-    table=None,
+    table: KeyTable | None = None,
 ) -> tuple[Lora, ReadReport]:
     """Read a LoRA state dict in any supported format into a kohya-named :class:`Lora`.
 
@@ -672,7 +781,8 @@ def lora_from_state_dict(
         metadata: the file's string metadata (kept on the Lora; diffusers' ``lora_adapter_metadata``
             supplies PEFT alphas).
         arch: the architecture the LoRA must fit. Modules in another architecture's naming, or with
-            other shapes, raise :class:`MismatchError`. None: detected from names and shapes.
+            other shapes, raise :class:`MismatchError`. None: detected from names and shapes
+            (full-size and tiny test tables).
         table: an explicit ``core.archs.KeyTable`` (e.g. a tiny test table); overrides ``arch``.
 
     Returns:
@@ -680,42 +790,22 @@ def lora_from_state_dict(
         otherwise; both are listed in ``report.unmapped_modules``.
 
     Raises:
-        FormatError: no key is understood (the message lists sample keys) or a module's tensors
-            do not fit together. MismatchError: the LoRA does not fit ``arch``/``table``.
+        FormatError: no key is understood (the message lists sample keys), a module's tensors
+            do not fit together, or foreign names cannot be mapped without an architecture.
+        MismatchError: the LoRA does not fit ``arch``/``table`` (names or shapes, listed).
     """
     keys = list(sd.keys())
     modules, unknown, unsupported = _group(sd)
     built, incomplete, notes = _build_layers(modules, metadata)
     unknown = unknown + incomplete
-    if not built and any(_CLONEOFSIMO_KEY.match(k) for k in keys):
-        raise FormatError(
-            "this is a cloneofsimo 'lora' file (keys like "
-            f"{_sample([k for k in keys if _CLONEOFSIMO_KEY.match(k)], 3)}): its layers are numbered by "
-            "position in the model, not named, so they cannot be mapped safely. Convert it with the "
-            "cloneofsimo tools (e.g. to a diffusers/kohya LoRA) first."
-        )
     if not built:
-        raise FormatError(
-            f"no LoRA module recognised among {len(keys)} keys (e.g. {_sample(keys, 5)}). Rankwise reads "
-            "kohya/LoCon (lora_up/lora_down/alpha), LoHa (hada_*), LoKr (lokr_*), full (.diff), "
-            "PEFT (lora_A/lora_B), diffusers (lora.up/lora_linear_layer) and ComfyUI "
-            "(diffusion_model.*) keys."
-        )
+        _refuse_unreadable(keys)
 
     explicit = table is not None or arch is not None
     if table is None and arch is not None:
         table = _table_of_arch(Arch(arch), built)
     if table is None:
         table = _choose_table(built, metadata)
-
-    layers: dict[str, LayerDelta] = {}
-    formats: set[LoraFormat] = set()
-    unmapped: list[str] = []
-    mismatched: list[str] = []
-    densified: list[str] = []
-    dropped: list[str] = []
-    kept_unmapped: list[str] = []
-    names = _names_for(table) if table is not None else None
     if table is None:
         foreign = [b.name for b in built if not _kohya_named(b.name)]
         if foreign:
@@ -725,98 +815,20 @@ def lora_from_state_dict(
             )
         notes.append("architecture not recognised: kohya names kept as they are, shapes not checked")
 
-    for b in built:
-        naming = _naming_format(b.name)
-        if naming is not None:  # ComfyUI names with kohya suffixes are one format: COMFY
-            formats |= (b.formats - {LoraFormat.KOHYA}) | {naming}
-        else:
-            formats |= b.formats
-        if names is None:
-            target, layer = b.name, b.layer
-        else:
-            spec, ambiguous = names.resolve(b.name, _numel(b.layer.weight_shape))
-            if spec is None:
-                unmapped.append(b.name)
-                if _kohya_named(b.name):
-                    kept_unmapped.append(b.name)
-                    target, layer = b.name, b.layer
-                else:
-                    dropped.append(b.name)
-                    continue
-            else:
-                shape = tuple(int(s) for s in spec.shape)
-                layer = _fit_to_spec(b.layer, shape)
-                if layer is None:
-                    unmapped.append(b.name)
-                    mismatched.append(
-                        f"{b.name}: file has ΔW {tuple(b.layer.weight_shape)}, "
-                        f"{getattr(table.arch, 'value', table.arch)} expects {shape}"
-                    )
-                    continue
-                target = spec.kohya
-                if ambiguous:
-                    notes.append(f"{b.name}: several layers match this name; mapped to {target}")
-        if target in layers:
-            raise FormatError(
-                f"two modules map to the same layer {target} (the second is {b.name}); "
-                "the file mixes naming styles for one layer"
-            )
-        layers[target] = layer
-        if b.densified:
-            densified.append(target)
-
-    arch_label = getattr(getattr(table, "arch", None), "value", None) if table is not None else None
-    if mismatched and (explicit or len(mismatched) * 2 > len(built)):
-        raise MismatchError(
-            f"{len(mismatched)} LoRA layers do not fit {arch_label}: {_sample(mismatched, 4)}. "
-            "Is this LoRA for another model (SD1 / SD2 / SDXL)?"
-        )
-    if mismatched:
-        notes.append(f"{len(mismatched)} modules with shapes that do not fit {arch_label} dropped: "
-                     f"{_sample(mismatched, 3)}")
-    if names is not None and (not layers or len(layers) == len(kept_unmapped)) and built:
-        hint = _hint_other_arch(built, table)
-        raise MismatchError(
-            f"none of the {len(built)} LoRA modules belong to {arch_label} "
-            f"(e.g. {_sample([b.name for b in built], 3)}){hint}"
-        )
-    if names is not None and explicit and len(unmapped) * 2 > len(built):
-        hint = _hint_other_arch(built, table)
-        raise MismatchError(
-            f"{len(unmapped)} of {len(built)} LoRA modules are not layers of {arch_label} "
-            f"(e.g. {_sample(unmapped, 4)}){hint}"
-        )
-    if kept_unmapped:
-        notes.append(
-            f"{len(kept_unmapped)} kohya-named modules are not in the {arch_label} key table; "
-            f"kept under their own names: {_sample(kept_unmapped, 3)}"
-        )
-    if dropped:
-        notes.append(f"{len(dropped)} modules could not be renamed to kohya names and were dropped: "
-                     f"{_sample(dropped, 3)}")
-    for key in unsupported:
-        why = next((w for s, w in _UNSUPPORTED_WHY.items() if key.endswith(s)), "not supported (ignored)")
-        notes.append(f"{key}: {why}")
-    if unknown:
-        notes.append(f"{len(unknown)} keys not understood: {_sample(unknown, 4)}")
-    nonfinite = [n for n, l in layers.items() if not _finite(l)]
-    if nonfinite:
-        notes.append(
-            f"{len(nonfinite)} layers hold NaN/Inf values (resize/merge/save will refuse them): "
-            f"{_sample(nonfinite, 4)}"
-        )
-
+    mapped = _map_modules(built, table)
+    _check_fit(mapped, built, table, explicit)
+    notes.extend(_report_notes(mapped, table, unknown, unsupported))
     lora = Lora(
-        layers=layers,
+        layers=mapped.layers,
         metadata={str(k): str(v) for k, v in (metadata or {}).items()},
-        arch=getattr(table, "arch", None) if table is not None else None,
+        arch=getattr(table, "arch", None),
     )
     report = ReadReport(
-        formats=tuple(f for f in LoraFormat if f in formats),
-        modules=len(layers),
+        formats=tuple(f for f in LoraFormat if f in mapped.formats),
+        modules=len(mapped.layers),
         unknown_keys=tuple(unknown),
-        unmapped_modules=tuple(unmapped),
-        densified=tuple(densified),
+        unmapped_modules=tuple(mapped.unmapped),
+        densified=tuple(mapped.densified),
         notes=tuple(notes),
         unsupported_keys=tuple(unsupported),
     )
@@ -835,7 +847,7 @@ def _hint_other_arch(built: list[_Built], table) -> str:
         if arch == own:
             continue
         try:
-            ok, bad = _score(_names_for(_table_for(arch)), built)
+            ok, bad = _score(_Names(_table_for(arch)), built)
         except Exception:
             continue
         if ok - bad > best_ok:
@@ -946,7 +958,7 @@ def lora_to_state_dict(lora: Lora, *, dtype: torch.dtype = torch.float16) -> dic
 
 
 def lora_to_comfy_state_dict(
-    lora: Lora, *, dtype: torch.dtype = torch.float16, table=None
+    lora: Lora, *, dtype: torch.dtype = torch.float16, table: KeyTable | None = None
 ) -> dict[str, Tensor]:
     """ComfyUI-native key style: ``diffusion_model.<sgm>.lora_up.weight``,
     ``text_encoders.<clip key>.lora_up.weight`` (what ComfyUI's own LoRA extractor writes, plus

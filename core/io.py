@@ -18,7 +18,7 @@ import pickle
 import secrets
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -26,6 +26,9 @@ from .errors import FormatError, UnsafePathError
 from .formats import ReadReport, lora_from_state_dict, lora_to_state_dict, with_uniform_alpha
 from .metadata import safetensors_hashes
 from .types import Arch, Lora
+
+if TYPE_CHECKING:
+    from .archs import KeyTable
 
 Tensor = torch.Tensor
 
@@ -309,7 +312,7 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
 
 
 def load_lora(
-    path: str | os.PathLike, *, arch: Arch | None = None, table=None
+    path: str | os.PathLike, *, arch: Arch | None = None, table: KeyTable | None = None
 ) -> tuple[Lora, ReadReport]:
     """Read a LoRA file in any supported format (see :mod:`.formats`)."""
     loaded = read_state_dict(path)
@@ -429,14 +432,15 @@ def save_lora(
     inputs: Sequence[str | os.PathLike] = (),
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
-    uniform_alpha: bool = False,
+    uniform_alpha: bool = True,
 ) -> SaveResult:
     """Save ``lora`` as a kohya-format .safetensors file.
 
     The metadata is ``lora.metadata`` updated with ``metadata``, plus ``sshs_model_hash`` /
     ``sshs_legacy_hash`` (kohya's hashes over the tensors and the ``ss_*`` keys). With
-    ``uniform_alpha`` every low-rank layer is written with one alpha and the same ΔW
-    (:func:`~.formats.with_uniform_alpha`; diffusers loads per-layer alphas imprecisely).
+    ``uniform_alpha`` (the default) every low-rank layer is written with one alpha and the same ΔW
+    (:func:`~.formats.with_uniform_alpha`): diffusers 0.42 mis-scales files whose alphas vary per
+    layer, while ComfyUI, A1111 and kohya read both forms identically.
     Raises :class:`UnsafePathError` (see :func:`check_output_path`), :class:`NonFiniteError` naming
     layers with NaN/Inf before or after the cast, ``TypeError`` for non-string metadata.
     """

