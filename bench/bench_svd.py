@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             vals = [r[f"{method}_{spec}_excess"] for r in rows]
             print(f"  {method:5s} {spec:8s} max {max(vals):.2e}  median {weighted_median(vals, counts):.2e}")
         both = [r[f"{method}_{s}_excess"] for r in rows for s in SPECTRA]
-        print(f"  {method:5s} both     max {max(both):.2e}  median {weighted_median(both, counts + counts):.2e}")
+        weights = [r["count"] for r in rows for _ in SPECTRA]
+        print(f"  {method:5s} both     max {max(both):.2e}  median {weighted_median(both, weights):.2e}")
     notes = sorted({note for r in rows for note in r.get("notes", [])})
     if notes:
         print("Fallbacks noted: " + "; ".join(notes))

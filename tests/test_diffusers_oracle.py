@@ -100,11 +100,11 @@ def _random_lora(arch: Arch, generator: torch.Generator, *, ranks=(2,), alpha=No
     return Lora(layers, arch=arch)
 
 
-def _load_and_fuse(arch: Arch, lora: Lora, path) -> dict[str, torch.Tensor]:
+def _load_and_fuse(arch: Arch, lora: Lora, path, *, uniform_alpha: bool = True) -> dict[str, torch.Tensor]:
     """Save ``lora``, let diffusers load and fuse it; the weight change of every table layer."""
     table = key_table(arch, "tiny")
     pipe = _pipeline(arch)
-    save_lora(lora, path, dtype=torch.float32)
+    save_lora(lora, path, dtype=torch.float32, uniform_alpha=uniform_alpha)
     before = {spec.kohya: _weight(_module(pipe, spec)) for spec in table.layers}
     pipe.load_lora_weights(str(path))  # raises ValueError if any key is left unconverted
 
@@ -156,7 +156,15 @@ def test_dynamic_ranks_with_uniform_alpha_load_exactly(tmp_path, gen):
 )
 def test_per_layer_alphas_load_exactly(tmp_path, gen):
     lora = _random_lora(Arch.SD1, gen, ranks=(1, 2, 3), alpha=None)  # alpha = rank, varying
-    _assert_exact(lora, _load_and_fuse(Arch.SD1, lora, tmp_path / "per_layer.safetensors"))
+    path = tmp_path / "per_layer.safetensors"
+    _assert_exact(lora, _load_and_fuse(Arch.SD1, lora, path, uniform_alpha=False))
+
+
+@pytest.mark.slow
+def test_default_save_of_per_layer_alphas_loads_exactly(tmp_path, gen):
+    """save_lora writes one alpha by default, which is why dynamic-rank files load exactly in diffusers."""
+    lora = _random_lora(Arch.SD1, gen, ranks=(1, 2, 3), alpha=None)
+    _assert_exact(lora, _load_and_fuse(Arch.SD1, lora, tmp_path / "default.safetensors"))
 
 
 def test_diffusers_rejects_a_diff_key_we_never_write_by_default(tmp_path, gen):

@@ -183,6 +183,18 @@ def test_fast_is_accurate_and_its_estimate_is_conservative(gen, kind):
     assert dec.energy_gap is not None and dec.energy_gap.numel() == k
 
 
+@pytest.mark.parametrize("form", [True, False], ids=["gram-formed", "gram-applied"])
+def test_fast_both_gram_operators_agree(gen, monkeypatch, form):
+    monkeypatch.setattr(svd, "_form_gram", lambda *args: form)
+    A = heavy_tail(300, 900, generator=gen)
+    dec = decompose(A, 12, method=SvdMethod.FAST)
+    assert dec.method == "krylov"
+    opt = optimal_error(A, 12)
+    assert reconstruction_error(A, dec, 12) == pytest.approx(dec.error(12), rel=1e-5)
+    assert dec.error(12) / opt - 1 <= 0.01
+    torch.testing.assert_close(dec.U.mT @ dec.U, torch.eye(12), atol=1e-5, rtol=0)
+
+
 def test_fast_is_deterministic_per_seed(gen):
     A = heavy_tail(300, 700, generator=gen)
     a = decompose(A, 8, method=SvdMethod.FAST, seed=7)

@@ -1,0 +1,309 @@
+"""The pack inside a real ComfyUI (subprocess, CPU): loading, node metadata, the example workflows,
+and the saved files checked with ComfyUI's own LoRA loader.
+
+Needs a ComfyUI checkout (``COMFYUI_PATH``, default ``~/ComfyUI``) and its python
+(``COMFYUI_PYTHON``, default ``<path>/venv/bin/python``); skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import HERE, NODE_IDS, PACK_FOLDER, REPO, ComfyServer
+from workflow_api import set_inputs, ui_to_api
+
+pytestmark = pytest.mark.comfyui
+
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
+UI_ONLY_WIDGET_TYPES = ("control_after_generate",)
+
+# Speed overrides by node type: the example files carry realistic values (512², 20 steps).
+SPEED = {
+    "KSampler": {"steps": 1, "seed": 1},
+    "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+    "RankwiseExtractLoRA": {"layers": "attention", "method": "fast"},
+}
+APPLIED = re.compile(r"applied (\d+) of (\d+) modules")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _texts(entry: dict, node_id: str) -> list[str]:
+    return [str(t) for t in (entry["outputs"].get(node_id) or {}).get("text", [])]
+
+
+def _images(entry: dict, node_id: str) -> list[dict]:
+    return list((entry["outputs"].get(node_id) or {}).get("images", []))
+
+
+def _saved_loras(server: ComfyServer, entry: dict, prompt: dict) -> list[Path]:
+    """The files Save LoRA reported (``saved <name> (…)``), resolved under models/loras."""
+    out = []
+    for nid, node in prompt.items():
+        if node["class_type"] != "RankwiseSaveLoRA":
+            continue
+        for text in _texts(entry, nid):
+            for name in re.findall(r"saved (\S+\.safetensors)", text):
+                out.append(server.base_dir / "models" / "loras" / name)
+    return out
+
+
+def _tracebacks(log: str) -> list[str]:
+    """Each "Traceback …" block of a log: the header, the indented frames and the exception line."""
+    blocks, current = [], None
+    for line in log.splitlines():
+        if line.startswith("Traceback (most recent call last)"):
+            current = [line]
+            blocks.append(current)
+        elif current is not None:
+            current.append(line)
+            if line and not line[0].isspace() and not line.startswith(("During handling", "The above exception")):
+                current = None
+    return ["\n".join(b) for b in blocks]
+
+
+@pytest.fixture(scope="session")
+def workflow_results(comfy_server):
+    """Runs each example workflow at most once per session: path → (prompt, history entry | error)."""
+    cache: dict[Path, tuple[dict, dict | BaseException]] = {}
+
+    def run(path: Path) -> tuple[dict, dict]:
+        if path not in cache:
+            prompt = ui_to_api(json.loads(path.read_text()), comfy_server.object_info)
+            for class_type, values in SPEED.items():
+                set_inputs(prompt, class_type, **values)
+            try:
+                cache[path] = (prompt, comfy_server.run_prompt(prompt, timeout=600))
+            except BaseException as e:  # remembered, so dependent tests report it instead of re-running
+                cache[path] = (prompt, e)
+        prompt, result = cache[path]
+        if isinstance(result, BaseException):
+            raise result
+        return prompt, result
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# (1) the pack loads, with complete metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pack_loads_without_errors(comfy_server):
+    info = comfy_server.object_info
+    missing = [n for n in NODE_IDS if n not in info]
+    log = comfy_server.log_text()
+    assert not missing, f"nodes missing from /object_info: {missing}\n--- log ---\n{log[-6000:]}"
+    bad = [line for line in log.splitlines()
+           if PACK_FOLDER in line and ("Cannot import" in line or "IMPORT FAILED" in line or "Error" in line)]
+    assert not bad, "ComfyUI reported a problem with the pack:\n" + "\n".join(bad)
+    for block in _tracebacks(log):
+        assert PACK_FOLDER not in block and "rankwise" not in block.lower(), f"traceback from the pack:\n{block[:4000]}"
+    extra = sorted(n for n, v in info.items() if PACK_FOLDER in str(v.get("python_module", "")) and n not in NODE_IDS)
+    assert not extra, f"unexpected nodes from the pack: {extra}"
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_node_metadata_is_complete(comfy_server, node_id):
+    info = comfy_server.object_info.get(node_id)
+    if info is None:
+        pytest.fail(f"{node_id} is not registered")
+    assert info["category"] == "Rankwise"
+    assert info.get("description", "").strip(), f"{node_id}: no description"
+    assert info.get("display_name", "").strip() and info["display_name"] != node_id, f"{node_id}: no display name"
+    no_tooltip = []
+    for section in ("required", "optional"):
+        for name, spec in (info["input"].get(section) or {}).items():
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if not str(opts.get("tooltip", "")).strip():
+                no_tooltip.append(name)
+    assert not no_tooltip, f"{node_id}: inputs without a tooltip: {no_tooltip}"
+    outputs = info.get("output") or []
+    tips = info.get("output_tooltips") or []
+    assert len(tips) == len(outputs) and all(str(t).strip() for t in tips), \
+        f"{node_id}: output tooltips {tips} for outputs {info.get('output_name')}"
+    names = info.get("output_name") or []
+    assert len(names) == len(outputs) and all(names), f"{node_id}: output names {names}"
+
+
+# ---------------------------------------------------------------------------------------------
+# (2) every example workflow runs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_there_are_example_workflows():
+    names = {p.stem for p in WORKFLOWS}
+    assert {"extract_resize_preview", "difference_merge", "rank_sweep_grid", "graph_merge_clean_clip"} <= names
+    for p in WORKFLOWS:
+        thumb = p.with_suffix(".jpg")
+        assert thumb.is_file(), f"{p.name} has no thumbnail {thumb.name}"
+        assert thumb.stat().st_size <= 200_000, f"{thumb.name} is {thumb.stat().st_size} bytes"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_example_workflow_runs(comfy_server, workflow_results, path):
+    workflow = json.loads(path.read_text())
+    names = {n["widgets_values"][0] for n in workflow["nodes"]
+             if n["type"] == "CheckpointLoaderSimple"}
+    for n in workflow["nodes"]:
+        if n["type"] == "RankwiseLoadModelPair":
+            names |= set(n["widgets_values"][:2])
+    assert names <= {"rankwise_base.safetensors", "rankwise_tuned.safetensors"}, names
+
+    prompt, entry = workflow_results(path)
+    assert entry["status"]["status_str"] == "success"
+    assert not [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+
+    saved = _saved_loras(comfy_server, entry, prompt)
+    n_save_nodes = sum(1 for n in prompt.values() if n["class_type"] == "RankwiseSaveLoRA")
+    assert len(saved) >= n_save_nodes, f"Save LoRA reported {saved}"
+    for f in saved:
+        assert f.is_file() and f.stat().st_size > 0, f"{f} missing"
+    for nid, node in prompt.items():
+        if node["class_type"] in ("SaveImage", "PreviewImage"):
+            images = _images(entry, nid)
+            assert images, f"node {nid} {node['class_type']} produced no image"
+            for img in images:
+                folder = comfy_server.base_dir / ("output" if img["type"] == "output" else "temp")
+                assert (folder / img.get("subfolder", "") / img["filename"]).is_file()
+    if path.stem == "rank_sweep_grid":
+        extract = next(n for n, v in prompt.items() if v["class_type"] == "RankwiseExtractLoRA")
+        rules = [r for r in prompt[extract]["inputs"]["rules"].split(",") if r.strip()]
+        assert len(saved) == len(rules), f"one file per sweep item expected, got {saved}"
+        assert len({f.name for f in saved}) == len(saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) Apply LoRA reaches every module
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stem", ["extract_resize_preview", "rank_sweep_grid"])
+def test_apply_lora_reports_every_module_applied(workflow_results, stem):
+    path = REPO / "example_workflows" / f"{stem}.json"
+    if not path.exists():
+        pytest.fail(f"{path} is missing")
+    prompt, entry = workflow_results(path)
+    found = 0
+    for nid, node in prompt.items():
+        if node["class_type"] != "RankwiseApplyLoRA":
+            continue
+        texts = _texts(entry, nid)
+        assert texts, f"Apply LoRA node {nid} showed no coverage text: {entry['outputs'].get(nid)}"
+        for text in texts:
+            m = APPLIED.search(text)
+            assert m, f"unexpected coverage text: {text!r}"
+            applied, total = int(m.group(1)), int(m.group(2))
+            assert total > 0 and applied == total, f"node {nid}: {text}"
+            assert "not applied" not in text
+            found += 1
+    assert found >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# (3) the saved file, loaded by ComfyUI's own loader, reproduces tuned − base
+# ---------------------------------------------------------------------------------------------
+
+_ROW = re.compile(r"^(\S+)\s+(\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\S+)")
+
+
+def _report_rows(table: str) -> dict[str, tuple[int, float, float]]:
+    """layer (maybe cut to 72 chars) → (rank, kept %, err/opt) from an Extract LoRA report table."""
+    rows = {}
+    for line in table.splitlines():
+        m = _ROW.match(line)
+        if m and m.group(7) in ("ok", "fallback"):
+            rows[m.group(1)] = (int(m.group(3)), float(m.group(4)), float(m.group(5)))
+    return rows
+
+
+def test_saved_lora_reproduces_tuned_in_comfyui(comfy_server, comfy_install, tmp_path):
+    prompt = {
+        "1": {"class_type": "RankwiseLoadModelPair",
+              "inputs": {"base_ckpt": "rankwise_base.safetensors", "tuned_ckpt": "rankwise_tuned.safetensors",
+                         "load_base_for_sampling": False}},
+        "2": {"class_type": "RankwiseExtractLoRA",
+              "inputs": {"pair": ["1", 3], "rules": "16", "max_rank": 128, "conv_rank": 0, "te_rank": 0,
+                         "min_rank": 1, "layers": "attention", "text_encoders": "all", "method": "fast",
+                         "clamp_quantile": 0.0, "seed": 0}},
+        "3": {"class_type": "RankwiseSaveLoRA",
+              "inputs": {"lora": ["2", 0], "filename_prefix": "probe/extracted", "dtype": "fp16", "suffix": ""}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
+    }
+    entry = comfy_server.run_prompt(prompt, timeout=600)
+    files = _saved_loras(comfy_server, entry, prompt)
+    assert len(files) == 1, entry["outputs"]
+    table = "\n".join(_texts(entry, "4"))
+    rows = _report_rows(table)
+    assert rows, f"no per-layer rows in the report:\n{table[:2000]}"
+
+    out = tmp_path / "probe.json"
+    proc = comfy_install.run_python(
+        [str(HERE / "comfy_probe.py"), "--out", str(out), "apply", "--base", str(comfy_server.base_ckpt),
+         "--tuned", str(comfy_server.tuned_ckpt), "--lora", str(files[0])], timeout=300)
+    assert proc.returncode == 0 and out.exists(), f"probe failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    res = json.loads(out.read_text())
+
+    assert res["not_loaded"] == [], f"ComfyUI did not load these LoRA keys: {res['not_loaded'][:20]}"
+    assert res["lora_modules"] == len(rows), (res["lora_modules"], len(rows))
+    assert res["patch_targets"] == res["lora_modules"] == res["patched_keys"], res
+    assert res["unpatched_targets"] == []
+    assert res["unet_patched"] > 0 and res["clip_patched"] > 0
+
+    names = {layer["lora"]: layer for layer in res["layers"] if "lora" in layer}
+    problems = []
+    for layer in res["layers"]:
+        assert "error" not in layer, layer
+        row_name = next((r for r in rows if layer["lora"] == r or (len(r) >= 72 and layer["lora"].startswith(r))), None)
+        assert row_name is not None, f"{layer['lora']} not in the report"
+        rank, kept, ratio = rows[row_name]
+        # The report's relative error of this layer: err/opt · √(1 − kept), kept printed to 0.01 %;
+        # plus the fp16 rounding of the saved factors.
+        bound = ratio * math.sqrt(max(0.0, 1.0 - (kept - 0.005) / 100.0)) + 3e-3
+        if not layer["rel_error"] <= bound:
+            problems.append(f"{layer['key']}: ComfyUI reproduces ΔW with relative error {layer['rel_error']:.4g}, "
+                            f"the report promises ≤ {bound:.4g} (kept {kept}%, err/opt {ratio})")
+    assert not problems, "\n".join(problems[:20])
+    assert len(names) == res["patched_keys"]
+    assert max(layer["rel_error"] for layer in res["layers"]) < 0.02  # planted rank 8 < 16: only fp16 noise left
+
+
+# ---------------------------------------------------------------------------------------------
+# (4) ComfyUI's key map consumes every layer of our key tables
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_comfyui_key_map_covers_every_table_layer(comfy_install, tmp_path, arch):
+    from rankwise.core.archs import LayerPreset, key_table
+    from rankwise.core.io import save_lora
+    from rankwise.core.layouts import load_layout
+    from rankwise.core.synthetic import random_lora
+    from rankwise.core.types import Arch
+
+    table = key_table(Arch(arch))
+    lora = random_lora(table, rank=3, preset=LayerPreset.ALL, seed=1)
+    assert len(lora.layers) == len(table), "preset ALL with every component must cover the whole table"
+    lora_path = tmp_path / f"all_layers_{arch}.safetensors"
+    save_lora(lora, lora_path)
+    layout_path = tmp_path / f"{arch}_layout.json"
+    layout_path.write_text(json.dumps({k: [list(s), d] for k, (s, d) in load_layout(Arch(arch)).items()}))
+
+    out = tmp_path / "keymap.json"
+    proc = comfy_install.run_python(
+        [str(HERE / "comfy_probe.py"), "--out", str(out), "keymap", "--layout", str(layout_path),
+         "--lora", str(lora_path)], timeout=180)
+    assert proc.returncode == 0 and out.exists(), f"probe failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    res = json.loads(out.read_text())
+    assert res["not_loaded"] == [], f"{arch}: lora key not loaded: {res['not_loaded'][:20]} (+{len(res['not_loaded'])})"
+    assert res["lora_modules"] == len(table)
+    assert res["patch_targets"] == len(table), f"{arch}: {res['patch_targets']} ComfyUI weights for {len(table)} layers"
+    assert res["missing_targets"] == [] and res["shape_errors"] == [], res
