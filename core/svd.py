@@ -420,6 +420,8 @@ def _fresh(t: Tensor, device: torch.device) -> Tensor:
 
 def _fro2(t: Tensor) -> float:
     """Σ t², accumulated in fp64 in cache-sized chunks (exact to fp64 round-off); inf/nan if non-finite."""
+    if t.device.type != "cpu":  # one reduction on the device (no per-chunk synchronisation)
+        return float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2)
     flat = t.reshape(-1)
     total = 0.0
     for chunk in flat.split(_FRO_CHUNK):
