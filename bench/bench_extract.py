@@ -119,13 +119,18 @@ def ensure_pair(workdir: str, arch: Arch, kind: str) -> tuple[str, str]:
 # one configuration (child process)
 
 
+CHECK_MAX_WORK = 4e9  # m·n·min(m, n) of the largest layer checked with a dense fp64 SVD (~1280×2048)
+
+
 def sample_layers(lora, n: int) -> list[str]:
-    """One layer per distinct matrix shape, the smallest shapes first (the check stays cheap)."""
+    """One layer per distinct matrix shape, the largest affordable shapes first (FAST only runs its
+    randomized path where k = 128 is well below the short side)."""
     by_shape: dict[tuple[int, int], str] = {}
     for name, layer in lora.layers.items():
         m = layer.weight_shape[0]
         by_shape.setdefault((m, math.prod(layer.weight_shape[1:])), name)
-    shapes = sorted(by_shape, key=lambda s: s[0] * s[1] * min(s))
+    shapes = sorted((s for s in by_shape if s[0] * s[1] * min(s) <= CHECK_MAX_WORK),
+                    key=lambda s: s[0] * s[1] * min(s), reverse=True)
     return [by_shape[s] for s in shapes[:n]]
 
 

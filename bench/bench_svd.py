@@ -148,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for r in rows:
         ref = r.get("reference_cpu")
+        ref_text = "-" if ref is None else f"{ref:.3f}" + ("c" if r.get("reference_cached") else "")
         table.append([
-            r["shape"], str(r["count"]), "-" if ref is None else f"{ref:.3f}" + ("c" if r.get("reference_cached") else ""),
+            r["shape"], str(r["count"]), ref_text,
             f"{r['exact_cpu']:.3f}", f"{r['fast_cpu']:.3f}", f"{r['exact_wall']:.3f}", f"{r['fast_wall']:.3f}",
-            "-" if ref is None else f"{ref / r['exact_cpu']:.1f}×", "-" if ref is None else f"{ref / r['fast_cpu']:.1f}×",
+            "-" if ref is None else f"{ref / r['exact_cpu']:.1f}×",
+            "-" if ref is None else f"{ref / r['fast_cpu']:.1f}×",
             f"{max(r['exact_heavy_excess'], r['exact_planted_excess']):.1e}",
             f"{r['fast_heavy_excess']:.3%}", f"{r['fast_planted_excess']:.3%}",
             f"{r['fast_heavy_how']}/{r['fast_planted_how']}",
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     total = lambda key: sum(r[key] * r["count"] for r in rows)  # noqa: E731
     layers = sum(counts)
     print()
-    print(f"Whole-model sums over {layers} layers ({args.shapes}{', quick subset' if args.quick else ''}), rank {args.rank}:")
+    subset = ", quick subset" if args.quick else ""
+    print(f"Whole-model sums over {layers} layers ({args.shapes}{subset}), rank {args.rank}:")
     have_ref = all("reference_cpu" in r for r in rows)
     ref_cpu = total("reference_cpu") if have_ref else None
     for name, key in (("REFERENCE (full_matrices=True)", "reference"), ("EXACT", "exact"), ("FAST", "fast")):

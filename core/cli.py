@@ -139,7 +139,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from .archs import LayerPreset
-    from .extract import ExtractOptions, TextEncoderMode, extract_sweep
+    from .extract import ExtractOptions, TextEncoderMode, extract_sweep_detailed
     from .sources import open_source
     from .svd import SvdMethod
 
@@ -158,22 +158,30 @@ def cmd_extract(args: argparse.Namespace) -> int:
     progress, close = _progress_bar(not args.no_progress)
     base, tuned = open_source(args.base), open_source(args.tuned)
     try:
-        results = extract_sweep(base, tuned, policies, options, progress=progress)
+        results = extract_sweep_detailed(base, tuned, policies, options, progress=progress)
     finally:
         close()
     paths = _output_paths(args.output or "dry_run.safetensors", policies)
-    for (lora, report), path in zip(results, paths):
-        _emit_report(report, args, path if len(paths) > 1 else None)
+    for result, path in zip(results, paths):
+        _emit_report(result.report, args, path if len(paths) > 1 else None)
         if args.spectrum:
-            _write_spectrum(lora, report, args.spectrum if len(paths) == 1 else f"{os.path.splitext(path)[0]}.png")
+            png = args.spectrum if len(paths) == 1 else f"{os.path.splitext(path)[0]}.png"
+            _write_spectrum(result, png)
         if not args.dry_run:
-            _save(lora, path, args, inputs=[args.base, args.tuned])
+            _save(result.lora, path, args, inputs=[args.base, args.tuned])
     return 0
 
 
-def _write_spectrum(lora: Lora, report: Report, png: str) -> None:
-    del lora, report  # the spectrum is written by the extract-detailed path when available
-    print(f"note: spectrum pictures are produced by `rankwise info --spectrum`; skipped {png}")
+def _write_spectrum(result, png: str) -> None:
+    from .spectrum import render_spectrum, select_layers_for_plot
+
+    names = [n for n in select_layers_for_plot(result.report) if n in result.spectra]
+    if not names:
+        print(f"note: no layer was decomposed; no spectrum written to {png}")
+        return
+    ranks = {n: result.lora.layers[n].rank for n in names if n in result.lora.layers}
+    render_spectrum({n: result.spectra[n] for n in names}, ranks).save(png)
+    print(f"spectrum written to {png}")
 
 
 def cmd_resize(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ import fnmatch
 import functools
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
@@ -109,14 +109,8 @@ class _Term:
     def rank(self) -> int:
         return self.layer.rank
 
-    @functools.cached_property
-    def pair(self) -> tuple[Tensor, Tensor]:
-        """(c·s·B, A) as 2-D fp32, computed once; only for LoraLayer terms."""
-        layer = self.layer
-        assert isinstance(layer, LoraLayer)
-        return layer.up_matrix() * (self.coeff * layer.scale), layer.down_matrix()
-
     def dense(self) -> Tensor:
+        """c·ΔW as a 2-D fp32 matrix (alpha/rank applied)."""
         return as_matrix(self.layer.delta()) * self.coeff
 
 
@@ -154,22 +148,35 @@ def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool
     return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
-def _probe_norms(terms: Sequence[_Term], n: int, seed: int) -> tuple[float, float]:
-    """(‖Σ termᵢ‖, Σ‖termᵢ‖), Frobenius norms estimated with seeded Gaussian probes."""
-    g = torch.Generator().manual_seed(seed)
-    probe = torch.randn(n, _PROBES, generator=g)
-    total = None
-    parts = 0.0
+def _stack(terms: Sequence[_Term]) -> tuple[Tensor, Tensor]:
+    """The stacked 2-D fp32 factors ``[c₁s₁B₁ … c_L s_L B_L]`` (m × R) and ``[A₁; …; A_L]`` (R × n)."""
+    ups, downs = [], []
     for t in terms:
-        if isinstance(t.layer, LoraLayer):
-            up, down = t.pair
-            y = up @ (down @ probe)
-        else:
-            y = t.dense() @ probe
-        parts += float(y.norm())
-        total = y if total is None else total + y
-    scale = 1.0 / math.sqrt(_PROBES)
-    return float(total.norm()) * scale, parts * scale
+        layer = t.layer
+        assert isinstance(layer, LoraLayer)
+        ups.append(layer.up_matrix() * (t.coeff * layer.scale))
+        downs.append(layer.down_matrix())
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
+def _probe(n: int, seed: int) -> Tensor:
+    return torch.randn(n, _PROBES, generator=torch.Generator().manual_seed(seed))
+
+
+def _norms_factored(up: Tensor, down: Tensor, ranks: Sequence[int], seed: int) -> tuple[float, float]:
+    """(‖Σ termᵢ‖_F, Σ‖termᵢ‖_F) of stacked factors, estimated with seeded Gaussian probes."""
+    z = down @ _probe(int(down.shape[1]), seed)
+    parts, start = 0.0, 0
+    for r in ranks:
+        parts += float((up[:, start : start + r] @ z[start : start + r]).norm())
+        start += r
+    return float((up @ z).norm()) / math.sqrt(_PROBES), parts / math.sqrt(_PROBES)
+
+
+def _norms_dense(deltas: Sequence[Tensor], total: Tensor, seed: int) -> tuple[float, float]:
+    probe = _probe(int(total.shape[1]), seed)
+    parts = sum(float((d @ probe).norm()) for d in deltas)
+    return float((total @ probe).norm()) / math.sqrt(_PROBES), parts / math.sqrt(_PROBES)
 
 
 def _output_dtype(inputs: Sequence[MergeInput], active: Sequence[int]) -> torch.dtype:
@@ -188,7 +195,9 @@ def _layer_names(inputs: Sequence[MergeInput], active: Sequence[int]) -> list[st
     return list(seen)
 
 
-def _block_lookup(arch: Arch | None, inputs: Sequence[MergeInput], active: Sequence[int]):
+def _block_lookup(
+    arch: Arch | None, inputs: Sequence[MergeInput], active: Sequence[int]
+) -> Callable[[str], str | None] | None:
     """name → block label (None if unknown), or None when no input has block weights."""
     if not any(inputs[i].block_weights for i in active):
         return None
@@ -214,17 +223,6 @@ def _join(*parts: str) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def _merge_concat(terms: Sequence[_Term], shape: tuple[int, ...], dtype: torch.dtype) -> tuple[LayerDelta, int]:
-    if all(isinstance(t.layer, LoraLayer) for t in terms):
-        pairs = [t.pair for t in terms]
-        up = torch.cat([u for u, _ in pairs], dim=1)
-        down = torch.cat([d for _, d in pairs], dim=0)
-        r = int(down.shape[0])
-        return to_layer(up, down, float(r), shape, dtype), r
-    total = functools.reduce(torch.add, (t.dense() for t in terms))
-    return DiffLayer(total.reshape(shape).to(dtype).contiguous()), int(min(total.shape))
-
-
 def _merge_layer(
     name: str,
     shape: tuple[int, ...],
@@ -236,28 +234,37 @@ def _merge_layer(
     note: str,
     seed: int,
 ) -> tuple[LayerDelta | None, LayerStat]:
-    """Merge one layer's terms (at least one); None when they cancel."""
+    """Merge one layer's terms (at least one); None when they cancel.
+
+    All-LoRA terms stay factored (stacked factors); any dense term makes the layer dense.
+    """
     in_rank = sum(t.rank for t in terms)
-    merged_norm, parts_norm = _probe_norms(terms, math.prod(shape[1:]), seed)
+    dense = not all(isinstance(t.layer, LoraLayer) for t in terms)
+    if dense:
+        deltas = [t.dense() for t in terms]
+        total = functools.reduce(torch.add, deltas)
+        merged_norm, parts_norm = _norms_dense(deltas, total, seed)
+        del deltas
+    else:
+        up, down = _stack(terms)
+        merged_norm, parts_norm = _norms_factored(up, down, [t.rank for t in terms], seed)
     if merged_norm <= EMPTY_RTOL * parts_norm:
         return None, skipped_stat(name, shape, input_rank=in_rank, note=_join("empty: the inputs cancel", note))
-    dense = not all(isinstance(t.layer, LoraLayer) for t in terms)
     if mode is MergeMode.CONCAT:
-        layer, r = _merge_concat(terms, shape, dtype)
+        if dense:
+            layer: LayerDelta = DiffLayer(total.reshape(shape).to(dtype).contiguous())
+            rank = int(min(total.shape))
+        else:
+            layer, rank = to_layer(up, down, float(in_rank), shape, dtype), in_rank
         stat = LayerStat(
-            name=name, kind=LayerKind.of_shape(shape).value, shape=tuple(shape), rank=r,
+            name=name, kind=LayerKind.of_shape(shape).value, shape=tuple(shape), rank=rank,
             input_rank=in_rank, retained=1.0, error=0.0, optimal_error=0.0, norm=merged_norm,
             nbytes=layer.nbytes(), status="ok", note=_join(note, "dense input: kept as a full diff" if dense else ""),
         )
         return layer, stat
     assert policy is not None
     kind, is_te = LayerKind.of_shape(shape), is_text_encoder(name)
-    if dense:
-        ref = refactor_dense(functools.reduce(torch.add, (t.dense() for t in terms)), policy, kind, is_te)
-    else:
-        pairs = [t.pair for t in terms]
-        ref = refactor_factors(torch.cat([u for u, _ in pairs], 1), torch.cat([d for _, d in pairs], 0),
-                               policy, kind, is_te)
+    ref = refactor_dense(total, policy, kind, is_te) if dense else refactor_factors(up, down, policy, kind, is_te)
     layer = to_layer(ref.up, ref.down, float(ref.rank), shape, dtype)
     return layer, layer_stat(name, shape, layer, ref, input_rank=in_rank,
                              note=_join(note, "dense input: summed densely" if dense else ""))
@@ -292,6 +299,44 @@ def _notes(inputs: Sequence[MergeInput], active: Sequence[int], stats: Sequence[
         notes.append("the merged LoRA is EMPTY: every layer cancelled, was filtered or had weight 0; "
                      "there is nothing to save")
     return notes
+
+
+_Job = Union[tuple[tuple[int, ...], list[_Term], str, int], LayerStat]
+
+
+def _plan(
+    inputs: Sequence[MergeInput],
+    active: Sequence[int],
+    names: Sequence[str],
+    blocks: Callable[[str], str | None] | None,
+    include: Sequence[str],
+    exclude: Sequence[str],
+) -> tuple[dict[str, _Job], int]:
+    """Per layer: (shape, terms, note, probe seed) to merge, or the stat of a layer left out;
+    plus the count of layers without a block label. Checks shapes (cheap, before any SVD)."""
+    jobs: dict[str, _Job] = {}
+    unlabelled = 0
+    for index, name in enumerate(names):
+        present = [i for i in active if name in inputs[i].lora.layers]
+        shape = inputs[present[0]].lora.layers[name].weight_shape
+        if not _selected(name, include, exclude):
+            jobs[name] = skipped_stat(name, shape, input_rank=None, note="filtered out")
+            continue
+        missing = [_label(inputs[i], i) for i in active if i not in present]
+        note = f"missing in {', '.join(missing)} (taken as 0)" if missing else ""
+        block = blocks(name) if blocks is not None else None
+        unlabelled += blocks is not None and block is None
+        terms = [
+            _Term(i, coeff, inputs[i].lora.layers[name])
+            for i in present
+            if (coeff := float(inputs[i].ratio) * block_weight(inputs[i].block_weights, block)) != 0.0
+        ]
+        _check_shapes(name, terms, inputs)
+        if terms:
+            jobs[name] = (shape, terms, note, _PROBE_SEED + index)
+        else:
+            jobs[name] = skipped_stat(name, shape, input_rank=0, note=_join("empty: block weight 0", note))
+    return jobs, unlabelled
 
 
 def _describe(inputs: Sequence[MergeInput], active: Sequence[int], mode: MergeMode, policy: RankPolicy | None,
@@ -366,31 +411,10 @@ def merge(
     out_dtype = dtype or _output_dtype(inputs, active)
 
     names = _layer_names(inputs, active)
-    jobs: dict[str, tuple[tuple[int, ...], list[_Term], str, int] | LayerStat] = {}
-    unlabelled = 0
-    for index, name in enumerate(names):
-        present = [i for i in active if name in inputs[i].lora.layers]
-        shape = inputs[present[0]].lora.layers[name].weight_shape
-        if not _selected(name, include, exclude):
-            jobs[name] = skipped_stat(name, shape, input_rank=None, note="filtered out")
-            continue
-        missing = [_label(inputs[i], i) for i in active if i not in present]
-        note = f"missing in {', '.join(missing)} (taken as 0)" if missing else ""
-        block = blocks(name) if blocks is not None else None
-        unlabelled += blocks is not None and block is None
-        terms = [
-            _Term(i, coeff, inputs[i].lora.layers[name])
-            for i in present
-            if (coeff := float(inputs[i].ratio) * block_weight(inputs[i].block_weights, block)) != 0.0
-        ]
-        _check_shapes(name, terms, inputs)
-        if terms:
-            jobs[name] = (shape, terms, note, _PROBE_SEED + index)
-        else:
-            jobs[name] = skipped_stat(name, shape, input_rank=0, note=_join("empty: block weight 0", note))
+    jobs, unlabelled = _plan(inputs, active, names, blocks, include, exclude)
 
     def run(name: str) -> tuple[LayerDelta | None, LayerStat]:
-        job = jobs[name]
+        job = jobs.pop(name)  # drop the references as we go
         if isinstance(job, LayerStat):
             return None, job
         shape, terms, note, seed = job

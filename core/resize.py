@@ -45,6 +45,8 @@ from .types import DiffLayer, LayerDelta, LayerKind, Lora, LoraLayer, as_matrix,
 Tensor = torch.Tensor
 T = TypeVar("T")
 
+_NON_FINITE = "NaN/Inf in the input"
+
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 
 
@@ -55,17 +57,22 @@ def is_text_encoder(name: str) -> bool:
 
 def non_finite_layers(lora: Lora) -> tuple[str, ...]:
     """Names of the layers holding NaN or Inf in any tensor."""
-    bad: list[str] = []
-    for name, layer in lora.layers.items():
-        parts = [layer.diff] if isinstance(layer, DiffLayer) else [layer.up, layer.down, layer.mid]
-        if any(t is not None and not bool(torch.isfinite(t).all()) for t in parts):
-            bad.append(name)
-    return tuple(bad)
+    return tuple(name for name, layer in lora.layers.items() if not _layer_finite(layer))
+
+
+def _layer_finite(layer: LayerDelta) -> bool:
+    parts = [layer.diff] if isinstance(layer, DiffLayer) else [layer.up, layer.down, layer.mid]
+    return all(t is None or bool(torch.isfinite(t).all()) for t in parts)
 
 
 def check_finite(lora: Lora, label: str = "input") -> None:
     """Raise :class:`NonFiniteError` naming every layer with NaN/Inf values."""
-    bad = non_finite_layers(lora)
+    raise_non_finite(non_finite_layers(lora), label)
+
+
+def raise_non_finite(bad: Sequence[str], label: str = "input") -> None:
+    """Raise :class:`NonFiniteError` for the layers ``bad`` (no-op when empty)."""
+    bad = tuple(bad)
     if bad:
         shown = ", ".join(bad[:8]) + (f" … (+{len(bad) - 8} more)" if len(bad) > 8 else "")
         raise NonFiniteError(
@@ -206,6 +213,16 @@ def to_layer(
 def _resize_layer(
     name: str, layer: LayerDelta, policy: RankPolicy, strength: float, dtype: torch.dtype | None
 ) -> tuple[LoraLayer | None, LayerStat]:
+    try:
+        return _resize_finite_layer(name, layer, policy, strength, dtype)
+    except NonFiniteError:
+        # the SVD checks its inputs (‖·‖² is not finite) at no extra cost; name the layer instead
+        return None, skipped_stat(name, layer.weight_shape, input_rank=None, note=_NON_FINITE)
+
+
+def _resize_finite_layer(
+    name: str, layer: LayerDelta, policy: RankPolicy, strength: float, dtype: torch.dtype | None
+) -> tuple[LoraLayer | None, LayerStat]:
     shape = layer.weight_shape
     kind, is_te = layer.kind, is_text_encoder(name)
     if isinstance(layer, DiffLayer):
@@ -217,6 +234,8 @@ def _resize_layer(
         return out, layer_stat(name, shape, out, ref, input_rank=None, note="dense input → LoRA")
     scale = layer.scale
     if scale == 0.0:
+        if not _layer_finite(layer):
+            raise NonFiniteError("non-finite factors", names=(name,))
         return None, skipped_stat(name, shape, input_rank=layer.rank, note="empty: alpha is 0")
     up = layer.up_matrix() * (strength * scale)
     ref = refactor_factors(up, layer.down_matrix(), policy, kind, is_te)
@@ -299,7 +318,8 @@ def resize(
         output layers are plain LoRA with alpha/rank kept (dense inputs: alpha = k).
 
     Raises:
-        NonFiniteError: NaN/Inf in an input layer (all offending layers are named).
+        NonFiniteError: NaN/Inf in input layers, all of them named (detected by the SVD's own
+            norm check during the pass, so it is raised after the last layer).
         RankwiseError: a zero or non-finite strength, or an empty input.
     """
     strength = float(strength)
@@ -307,12 +327,12 @@ def resize(
         raise RankwiseError(f"strength must be a finite nonzero number, got {strength}")
     if len(lora) == 0:
         raise RankwiseError("the input LoRA has no layers to resize")
-    check_finite(lora)
     names = list(lora.layers)
     results = run_layers(
         lambda name: _resize_layer(name, lora.layers[name], policy, strength, dtype),
         names, workers=workers, progress=progress,
     )
+    raise_non_finite([stat.name for _, stat in results if stat.note == _NON_FINITE])
     layers = {name: out for name, (out, _) in zip(names, results) if out is not None}
     stats = [stat for _, stat in results]
 

@@ -637,9 +637,9 @@ def _form_gram(s: int, L: int, b: int, nblocks: int, k: int) -> bool:
     """FAST: form G = W·Wᵀ (syrk, s²L flops) or apply it as W·(Wᵀ·X) block by block?
 
     Flop model (measured on SD shapes at k = 128: applying wins for short-side-1280 layers up to
-    L ≈ 2s, forming for wider ones; at k ≤ 32 applying wins up to L ≈ 4s): forming costs s²·L + (blocks + 1)·2s²b + 2ksL (the final
-    Uᵀ·W); applying costs (blocks + 1)·4sLb + 2kdL (Uᵀ·W comes from the kept Wᵀ·K). Narrow GEMMs
-    run slower than syrk, hence the 1.25 weight.
+    L ≈ 2s, forming for wider ones; at k ≤ 32 applying wins up to L ≈ 4s). Forming costs
+    s²·L + (blocks + 1)·2s²b + 2ksL (the final Uᵀ·W); applying costs (blocks + 1)·4sLb + 2kdL
+    (Uᵀ·W comes from the kept Wᵀ·K). Narrow GEMMs run slower than syrk, hence the 1.25 weight.
     """
     d = b * nblocks
     formed = s * s * L + (nblocks + 1) * 2 * s * s * b + 2 * k * s * L
@@ -875,7 +875,8 @@ class _OpenBlasThreads:
                 lib = ctypes.CDLL(path)
             except OSError:
                 continue
-            for sym in ("scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_", "openblas_set_num_threads"):
+            names = ("scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_", "openblas_set_num_threads")
+            for sym in names:
                 fn = getattr(lib, sym, None)
                 if fn is not None:
                     setters.append(fn)

@@ -243,10 +243,15 @@ def test_nan_input_names_layers(gen):
     bad = rand_layer(8, 8, 2, gen=gen)
     up = bad.up.clone()
     up[0, 0] = float("nan")
-    lora = Lora({"lora_unet_ok": rand_layer(8, 8, 2, gen=gen), "lora_unet_broken": LoraLayer(up, bad.down, 2.0)})
-    with pytest.raises(NonFiniteError, match="lora_unet_broken") as info:
-        resize(lora, RankPolicy(RankRule.parse("2")))
-    assert info.value.names == ("lora_unet_broken",)
+    diff = torch.randn(8, 8, generator=gen)
+    diff[3, 3] = float("inf")
+    zero_alpha = LoraLayer(up, bad.down, 0.0)  # ΔW = 0·NaN is still NaN
+    lora = Lora({"lora_unet_ok": rand_layer(8, 8, 2, gen=gen), "lora_unet_broken": LoraLayer(up, bad.down, 2.0),
+                 "lora_unet_dense": DiffLayer(diff), "lora_unet_zero_alpha": zero_alpha})
+    for workers in (1, 2):
+        with pytest.raises(NonFiniteError, match="3 layer.*lora_unet_broken, lora_unet_dense") as info:
+            resize(lora, RankPolicy(RankRule.parse("2")), workers=workers)
+        assert info.value.names == ("lora_unet_broken", "lora_unet_dense", "lora_unet_zero_alpha")
 
 
 def test_zero_layer_dropped_and_reported(gen):

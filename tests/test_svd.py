@@ -64,7 +64,8 @@ def test_planted_rank_recovered_exactly(gen, method, shape):
         assert reconstruction_error(A, dec, k) <= 2e-5 * norm
         # the identity √(‖A‖² − ΣS²) is a difference of nearly equal energies: √ε₃₂ floor
         assert dec.error(k) <= 1e-3 * norm
-        torch.testing.assert_close(dec.S[:r].double(), torch.linspace(r, 1, r, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+        planted = torch.linspace(r, 1, r, dtype=torch.float64)
+        torch.testing.assert_close(dec.S[:r].double(), planted, rtol=1e-5, atol=1e-5)
     if method is SvdMethod.FAST and min(shape) >= 256:
         assert dec.method == "krylov"  # the randomized path itself ran (not the EXACT shortcut)
 
@@ -289,7 +290,7 @@ def test_split_factors_reconstruct_and_own_their_storage(gen, source):
     up, down = split_factors(dec, k)
     assert up.shape == (60, k) and down.shape == (k, 90)
     assert up.is_contiguous() and down.is_contiguous()
-    storages = {dec.U.untyped_storage().data_ptr(), dec.Vh.untyped_storage().data_ptr(), dec.S.untyped_storage().data_ptr()}
+    storages = {t.untyped_storage().data_ptr() for t in (dec.U, dec.S, dec.Vh)}
     assert up.untyped_storage().data_ptr() not in storages
     assert down.untyped_storage().data_ptr() not in storages
     torch.testing.assert_close(up @ down, (dec.U[:, :k] * dec.S[:k]) @ dec.Vh[:k])

@@ -32,7 +32,7 @@ FRONTEND_VERSION = "1.27.10"
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SLOT_H, WIDGET_H, TITLE_H = 20, 24, 30
-COL_W, GAP_X, GAP_Y, MARGIN = 340, 60, 40, 40
+COL_W, GAP_X, GAP_Y, MARGIN = 340, 70, 30, 40  # GAP_Y is the free space above a node's title bar
 
 
 @dataclass
@@ -255,7 +255,7 @@ def place(spec: Spec, ui_nodes: list[dict], heights: dict[int, int]) -> None:
         if node.id in first_group_member and y > MARGIN + 80:
             y += 60  # room for the group title
         by_id[node.id]["pos"] = [x_of[node.col], y]
-        y_of[node.col] = y + heights[node.id] + GAP_Y + (40 if node.id in grouped else 0)
+        y_of[node.col] = y + heights[node.id] + TITLE_H + GAP_Y + (40 if node.id in grouped else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,13 +293,13 @@ def extract_resize_preview() -> Spec:
         *sampler_nodes(21, 3, (20, 0), (20, 1), (20, 2), (8, 0)),
         Node(30, "ImageBatch", 5, {}, {"image1": (13, 0), "image2": (24, 0)}, width=220),
         Node(31, "RankwiseImageGrid", 5, {"labels": "base + LoRA\ntuned", "columns": 2}, {"images": (30, 0)}),
-        Node(32, "SaveImage", 6, {"filename_prefix": "rankwise/compare"}, {"images": (31, 0)}, width=420, height=360),
+        Node(32, "SaveImage", 6, {"filename_prefix": "rankwise/compare"}, {"images": (31, 0)}, width=400, height=300),
         Node(40, "MarkdownNote", 0, text=(
             "### Extract → resize → compare\n"
             "Extract LoRA keeps rank 64 of tuned − base, Resize LoRA re-factorises it to rank 32 "
             "(×1.05), Save LoRA writes it to `models/loras/rankwise/`.\n\n"
             "The base model + LoRA (top) and the tuned model (bottom) sample the same seed; the grid "
-            "shows both side by side."), width=COL_W, height=220),
+            "shows both side by side."), width=COL_W, height=170),
     ]
     # rows: base + LoRA branch above, tuned branch below (same columns)
     return Spec("extract_resize_preview", "Extract, resize and preview", nodes, [
@@ -319,14 +319,14 @@ def difference_merge() -> Spec:
         Node(4, "RankwiseMergeLoRAs", 3, {"ratio_1": 1.0, "ratio_2": -1.0, "mode": "concat"},
              {"lora_1": (2, 0), "lora_2": (3, 0)}, title="Merge LoRAs (rank 32 − rank 8)"),
         Node(5, "RankwiseLoRAInfo", 4, {}, {"lora": (4, 0)}),
-        Node(6, "PreviewImage", 5, {}, {"images": (5, 1)}, width=420, height=360, title="Spectrum"),
+        Node(6, "PreviewImage", 5, {}, {"images": (5, 1)}, width=400, height=300, title="Spectrum"),
         Node(7, "RankwiseSaveLoRA", 4, {"filename_prefix": "rankwise/difference", "dtype": "fp16", "suffix": ""},
              {"lora": (4, 0)}),
         Node(10, "MarkdownNote", 0, text=(
             "### Difference of two LoRAs\n"
             "Both LoRAs are made here: a rank-32 extraction and the same LoRA resized to rank 8. "
             "Merge LoRAs with ratios 1 and −1 (concat, exact) keeps only what ranks 9–32 add. "
-            "LoRA Info shows its spectrum; Save LoRA writes it."), width=COL_W, height=200),
+            "LoRA Info shows its spectrum; Save LoRA writes it."), width=COL_W, height=150),
     ]
     return Spec("difference_merge", "Difference merge of two extracted LoRAs", nodes)
 
@@ -351,7 +351,7 @@ def rank_sweep_grid() -> Spec:
             "One Extract LoRA with rules `4,8,16,32` decomposes every layer once and outputs a list of "
             "four LoRAs. Everything downstream runs once per LoRA: Save LoRA writes four files "
             "(suffix = label), Apply LoRA + KSampler make four samples, and the Labelled Image Grid "
-            "collects them with their labels."), width=COL_W, height=240),
+            "collects them with their labels."), width=COL_W, height=170),
     ]
     return Spec("rank_sweep_grid", "Rank sweep to a labelled grid", nodes)
 
@@ -373,13 +373,13 @@ def graph_merge_clean_clip() -> Spec:
         Node(8, "RankwiseSaveLoRA", 5, {"filename_prefix": "rankwise/merge_diff", "dtype": "fp16", "suffix": ""},
              {"lora": (7, 0)}),
         Node(9, "RankwiseLoRAInfo", 5, {}, {"lora": (7, 0)}),
-        Node(10, "PreviewImage", 6, {}, {"images": (9, 1)}, width=420, height=360, title="Spectrum"),
+        Node(10, "PreviewImage", 6, {}, {"images": (9, 1)}, width=400, height=300, title="Spectrum"),
         Node(20, "MarkdownNote", 0, text=(
             "### LoRA from a merge made in the graph\n"
             "ModelMergeSimple / CLIPMergeSimple blend base and tuned 50/50. Model Pair from Graph "
             "pairs the base with the merge (weights computed with their patches, one tensor at a time). "
             "Clean CLIP measures each text encoder's change and uses the base's encoders where they "
-            "differ, so the LoRA is UNet-only."), width=COL_W, height=240),
+            "differ, so the LoRA is UNet-only."), width=COL_W, height=170),
     ]
     return Spec("graph_merge_clean_clip", "Merge in the graph, clean CLIP, extract", nodes)
 

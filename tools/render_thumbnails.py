@@ -44,8 +44,14 @@ SETTINGS = {  # user settings for a clean picture (stored in the throw-away user
     "Comfy.Workflow.ShowMissingNodesWarning": False,
     "Comfy.Validation.Workflows": False,
     "Comfy.LinkRenderMode": 2,  # spline
-    "Comfy.UseNewMenu": "Disabled",
+    "Comfy.UseNewMenu": "Disabled",  # the legacy floating menu: one element, hidden by HIDE_CSS
+    "Comfy.Graph.CanvasMenu": False,
+    "Comfy.NodeBadge.NodeSourceBadgeMode": "None",  # no pack-folder badge over the nodes
+    "Comfy.NodeBadge.NodeIdBadgeMode": "None",
+    "LiteGraph.Canvas.MinFontSizeForLOD": 1,  # draw titles and widgets even when zoomed out
+    "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1,
 }
+HIDE_CSS = ".comfy-menu, .graph-canvas-menu, .p-toast, .comfy-modal { display: none !important; }"
 
 
 def free_port() -> int:
@@ -112,7 +118,9 @@ FIT_JS = """
   canvas.ds.offset[1] = (h / scale - (y1 - y0)) / 2 - y0;
   canvas.setDirty(true, true);
   canvas.draw(true, true);
-  return {x0, y0, x1, y1, scale, w, h};
+  const left = (x0 + canvas.ds.offset[0]) * scale, top = (y0 + canvas.ds.offset[1]) * scale;
+  return {x0, y0, x1, y1, scale, w, h, crop: [Math.max(0, left - margin), Math.max(0, top - margin),
+          Math.min(w, left + (x1 - x0) * scale + margin), Math.min(h, top + (y1 - y0) * scale + margin)]};
 }
 """
 
@@ -134,10 +142,12 @@ def widget_mismatches(saved: dict, original: dict) -> list[str]:
     return problems
 
 
-def to_jpeg(png: bytes, path: Path, max_bytes: int, width: int) -> int:
+def to_jpeg(png: bytes, path: Path, max_bytes: int, width: int, crop: list[float] | None = None) -> int:
     from PIL import Image
 
     img = Image.open(io.BytesIO(png)).convert("RGB")
+    if crop:
+        img = img.crop(tuple(int(round(v)) for v in crop))
     if img.width > width:
         img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
     for quality in (88, 82, 76, 70, 64, 58, 50, 42):
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", type=Path, default=None, help="ComfyUI's python (default <comfyui>/venv/bin/python)")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     ap.add_argument("--only", action="append", default=[], help="render only these workflow names")
-    ap.add_argument("--viewport", default="1600x1000")
+    ap.add_argument("--viewport", default="2400x1350")
     ap.add_argument("--width", type=int, default=1200, help="thumbnail width in pixels")
     ap.add_argument("--max-bytes", type=int, default=150_000)
     ap.add_argument("--png-dir", type=Path, default=None, help="also keep the full-size PNG screenshots here")
@@ -188,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 page.goto(url, wait_until="networkidle", timeout=120_000)
                 page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
                 time.sleep(2)
+                page.add_style_tag(content=HIDE_CSS)
                 for path in paths:
                     workflow = json.loads(path.read_text())
                     page.evaluate("async (wf) => { await window.app.loadGraphData(wf, true, true, null); }", workflow)
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                     if args.png_dir:
                         args.png_dir.mkdir(parents=True, exist_ok=True)
                         (args.png_dir / f"{path.stem}.png").write_bytes(png)
-                    size = to_jpeg(png, path.with_suffix(".jpg"), args.max_bytes, args.width)
+                    size = to_jpeg(png, path.with_suffix(".jpg"), args.max_bytes, args.width, box["crop"])
                     state = "OK" if not problems else "WIDGET MISMATCH"
                     print(f"{path.with_suffix('.jpg').name}: {size} bytes, scale {box['scale']:.2f} — {state}")
                     for p in problems:

@@ -46,6 +46,16 @@ NODE_IDS = (
 START_TIMEOUT_S = float(os.environ.get("RANKWISE_COMFY_START_TIMEOUT", "180"))
 
 
+TIMINGS: list[tuple[str, float, float]] = []  # (what, wall s, server CPU s), shown at the end
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.section("ComfyUI integration timings (wall / server CPU seconds)")
+        for what, wall, cpu in TIMINGS:
+            terminalreporter.write_line(f"{wall:8.1f} {cpu:8.1f}  {what}")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
@@ -60,8 +70,22 @@ class ComfyInstall:
     def run_python(self, args: list[str], *, timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
         """Run a helper script with ComfyUI's interpreter (ComfyUI's folder first on sys.path)."""
         env = dict(os.environ, PYTHONPATH=str(self.path), PYTHONDONTWRITEBYTECODE="1")
-        return subprocess.run([str(self.python), *args], cwd=str(cwd or self.path), env=env, text=True,
-                              capture_output=True, timeout=timeout)
+        wall0, cpu0 = time.perf_counter(), _children_cpu()
+        try:
+            return subprocess.run([str(self.python), *args], cwd=str(cwd or self.path), env=env, text=True,
+                                  capture_output=True, timeout=timeout)
+        finally:
+            what = " ".join(Path(a).name if os.sep in a else a for a in args[:2])
+            TIMINGS.append((what, time.perf_counter() - wall0, _children_cpu() - cpu0))
+
+
+def _children_cpu() -> float:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0.0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def find_comfyui() -> tuple[ComfyInstall | None, str]:
@@ -150,6 +174,7 @@ class ComfyServer:
                 raise ComfyError(f"ComfyUI did not answer /object_info within {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
             time.sleep(0.5)
         self.start_seconds = time.perf_counter() - start
+        TIMINGS.append(("server start", self.start_seconds, self.cpu_seconds()))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -193,17 +218,32 @@ class ComfyServer:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else "(no log)"
         return text[-chars:]
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server process has used so far (Linux /proc), else 0."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError, AttributeError):
+            return 0.0
+
     # -- prompts ------------------------------------------------------------------------------
-    def run_prompt(self, prompt: dict, *, timeout: float = 300) -> dict:
-        """Queue an API-format prompt, wait for it, return its /history entry; raise on any error."""
+    def run_prompt(self, prompt: dict, *, timeout: float = 300, label: str = "") -> dict:
+        """Queue an API-format prompt, wait for it, return its /history entry; raise on any error.
+
+        The entry gets ``_log`` (the server log written meanwhile), ``_wall_s`` and ``_cpu_s``.
+        """
         mark = len(self.log_text())
-        reply = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        wall0, cpu0 = time.perf_counter(), self.cpu_seconds()
+        reply = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id}, timeout=120)
         if reply.get("node_errors"):
             raise ComfyError(f"prompt rejected: {json.dumps(reply['node_errors'], indent=1)[:4000]}")
         prompt_id = reply["prompt_id"]
         deadline = time.monotonic() + timeout
         while True:
-            history = self.get(f"/history/{prompt_id}")
+            try:  # a busy server may answer slowly: a slow poll is not a failure
+                history = self.get(f"/history/{prompt_id}", timeout=60)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                history = {}
             entry = history.get(prompt_id)
             if entry and entry.get("status", {}).get("completed") is not None and (
                 entry["status"]["completed"] or entry["status"].get("status_str") == "error"
@@ -214,8 +254,9 @@ class ComfyServer:
             if time.monotonic() > deadline:
                 self.post("/interrupt", {})
                 raise ComfyError(f"prompt {prompt_id} not done within {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.5)
+            time.sleep(1.0)
         status = entry["status"]
+        TIMINGS.append((label or f"prompt {prompt_id[:8]}", time.perf_counter() - wall0, self.cpu_seconds() - cpu0))
         if status.get("status_str") != "success" or not status.get("completed"):
             errors = [m for m in status.get("messages", []) if m[0] == "execution_error"]
             raise ComfyError(
@@ -223,6 +264,7 @@ class ComfyServer:
                 f"{json.dumps(errors, indent=1)[:6000]}\n--- log ---\n{self.log_text()[mark:][-6000:]}"
             )
         entry["_log"] = self.log_text()[mark:]
+        entry["_wall_s"], entry["_cpu_s"] = TIMINGS[-1][1], TIMINGS[-1][2]
         return entry
 
 
