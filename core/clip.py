@@ -156,6 +156,22 @@ def repair_position_ids(position_ids: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     return expected.reshape(1, n), broken
 
 
+def repair_state_dict_position_ids(
+    state_dict: Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]]]:
+    """A copy of ``state_dict`` with every ``*position_ids`` tensor repaired, and the broken indices
+    per key (only keys whose ids were wrong, or not int64 ``[1, n]``, are listed)."""
+    out = dict(state_dict)
+    repaired: dict[str, tuple[int, ...]] = {}
+    for key, value in state_dict.items():
+        if is_position_ids_key(key):
+            fixed, broken = repair_position_ids(value)
+            out[key] = fixed
+            if broken or value.dtype != torch.int64 or tuple(value.shape) != tuple(fixed.shape):
+                repaired[key] = broken
+    return out, repaired
+
+
 # ---------------------------------------------------------------------------------------------
 # Clean checkpoint
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,9 @@
-"""Shared fixtures: seeded generators and low-rank builders."""
+"""Shared fixtures: seeded generators (helpers live in rw_helpers.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-# Per-dtype tolerances (relative) for comparisons after a cast.
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @pytest.fixture
@@ -14,9 +11,7 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
-def lowrank(m: int, n: int, r: int, *, generator: torch.Generator, spectrum=None) -> torch.Tensor:
-    """A random m×n matrix of rank r with the given singular values (default: 1…r decreasing)."""
-    u, _ = torch.linalg.qr(torch.randn(m, r, generator=generator, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(n, r, generator=generator, dtype=torch.float64))
-    s = torch.linspace(float(r), 1.0, r, dtype=torch.float64) if spectrum is None else torch.as_tensor(spectrum, dtype=torch.float64)
-    return ((u * s) @ v.T).float()
+def pytest_configure(config):
+    # Small matrices dominate the unit tests; one BLAS thread avoids 2-thread spin-wait slowdowns
+    # on a shared 2-core machine and keeps timings stable.
+    torch.set_num_threads(1)

@@ -16,6 +16,7 @@ from rankwise.core.clip import (
     DEFAULT_TE_THRESHOLD,
     clean_checkpoint,
     repair_position_ids,
+    repair_state_dict_position_ids,
     text_encoder_report,
 )
 from rankwise.core.errors import Cancelled, MismatchError, NonFiniteError, UnsafePathError
@@ -24,6 +25,15 @@ from rankwise.core.synthetic import PlantedDelta, planted_delta, random_weights,
 from rankwise.core.types import Arch
 
 POS_KEY = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Single-threaded torch: 2 spinning OpenMP threads crawl on tiny matrices when the machine is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _weights(arch: Arch) -> dict[str, torch.Tensor]:
@@ -114,6 +124,16 @@ def test_repair_position_ids_shuffled_and_correct():
     assert repair_position_ids(ids)[1] == (3, 40)
     fixed, broken = repair_position_ids(torch.arange(77).reshape(1, 77))
     assert broken == () and torch.equal(fixed, torch.arange(77).reshape(1, 77))
+
+
+def test_repair_state_dict_lists_only_damaged_ids():
+    good = torch.arange(77).reshape(1, 77)
+    sd = {"a.position_ids": good, "b.position_ids": good.float(), "c.position_ids": good.flip(1), "w": torch.ones(2)}
+    fixed, repaired = repair_state_dict_position_ids(sd)
+    assert set(repaired) == {"b.position_ids", "c.position_ids"} and repaired["b.position_ids"] == ()
+    assert len(repaired["c.position_ids"]) == 76  # all but the middle id 38
+    assert all(torch.equal(fixed[k], good) for k in ("a.position_ids", "b.position_ids", "c.position_ids"))
+    assert fixed["w"] is sd["w"]
 
 
 # --- clean_checkpoint ---------------------------------------------------------------------------

@@ -21,22 +21,30 @@ from rankwise.core.sources import (
     preflight,
     read_layer,
 )
-from rankwise.core.synthetic import PlantedDelta, write_checkpoint_pair
+from rankwise.core.synthetic import DeltaKind, PlantedDelta, random_weights, write_checkpoint_pair
 from rankwise.core.types import Arch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def sd1_pair(tmp_path_factory):
+    """A tiny SD1 pair on disk (no delta: only keys and shapes matter here)."""
     d = tmp_path_factory.mktemp("sd1")
-    write_checkpoint_pair(d / "base.safetensors", d / "tuned.safetensors", Arch.SD1, delta=PlantedDelta(rank=2))
+    write_checkpoint_pair(d / "base.safetensors", d / "tuned.safetensors", Arch.SD1,
+                          delta=PlantedDelta(kind=DeltaKind.NONE))
     return d / "base.safetensors", d / "tuned.safetensors"
 
 
 @pytest.fixture(scope="module")
-def sdxl_base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sdxl")
-    write_checkpoint_pair(d / "base.safetensors", d / "tuned.safetensors", Arch.SDXL, delta=PlantedDelta(rank=2))
-    return d / "base.safetensors"
+def sdxl_base():
+    return StateDictSource(dict(random_weights(key_table(Arch.SDXL, "tiny"))), "sdxl.safetensors")
 
 
 def _load(path) -> dict[str, torch.Tensor]:
@@ -55,9 +63,9 @@ def test_preflight_accepts_a_matching_pair(sd1_pair):
 
 
 def test_preflight_names_both_architectures(sd1_pair, sdxl_base):
-    with open_source(sd1_pair[0]) as base, open_source(sdxl_base) as tuned:
-        with pytest.raises(MismatchError, match=r"SD1.*SDXL"):
-            preflight(base, tuned)
+    with open_source(sd1_pair[0]) as base:
+        with pytest.raises(MismatchError, match=r"base 'base.safetensors' is SD1, tuned 'sdxl.safetensors' is SDXL"):
+            preflight(base, sdxl_base)
 
 
 def test_preflight_lists_shape_mismatches_by_key(sd1_pair):

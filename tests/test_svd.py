@@ -9,7 +9,7 @@ import scipy.linalg  # noqa: F401  (imported at collection: the first test shoul
 import torch
 
 import rankwise.core.svd as svd
-from conftest import RTOL, lowrank
+from rw_helpers import RTOL, lowrank
 from rankwise.core.errors import MismatchError, NonFiniteError, RankwiseError
 from rankwise.core.rank import RankRule, select_rank
 from rankwise.core.svd import Decomposition, SvdMethod, decompose, decompose_factored, split_factors
