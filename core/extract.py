@@ -523,40 +523,69 @@ class _Prefetcher:
                 return
         self._cache = None
 
-    def _pair(self, key: str) -> tuple[Tensor, Tensor]:
+    def _pair(self, key: str, fused: bool) -> tuple[Tensor, Tensor]:
+        """Both stored tensors of ``key`` on the device, not upcast; kept while the layers of a fused
+        q/k/v tensor are read."""
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         self._cache = None
-        w = self._base.get(key).to(self._device).float()
-        t = self._tuned.get(key).to(self._device).float()
-        self._cache = (key, w, t)
+        w = self._base.get(key).to(self._device)
+        t = self._tuned.get(key).to(self._device)
+        if fused:
+            self._cache = (key, w, t)
         return w, t
 
     def _read(self, spec: LayerSpec) -> _Item:
         try:
             key, rows = layer_source_key(spec, self._style)
-            w, t = self._pair(key)
+            w, t = self._pair(key, rows is not None)
             if rows is not None:
                 w, t = w[rows[0]:rows[1]], t[rows[0]:rows[1]]
-            if tuple(w.shape) != tuple(spec.shape):
-                raise RankwiseError(f"layer {spec.kohya}: tensor {key} has shape {list(w.shape)}, "
-                                    f"expected {list(spec.shape)}")
-            d = t - w
+            if tuple(w.shape) != tuple(spec.shape) or tuple(t.shape) != tuple(spec.shape):
+                raise RankwiseError(f"layer {spec.kohya}: tensor {key} has shapes {list(w.shape)} (base) and "
+                                    f"{list(t.shape)} (tuned), expected {list(spec.shape)}")
+            d = _difference(w, t)
             if not bool(torch.isfinite(d).all()):
-                bad = [(side, src.name) for side, src, x in (("base", self._base, w), ("tuned", self._tuned, t))
-                       if not bool(torch.isfinite(x).all())]
-                sides = " and ".join(f"{side} checkpoint {name!r}" for side, name in bad) or "the difference"
-                raise NonFiniteError(
-                    f"tensor {key} (layer {spec.kohya}) holds NaN or Inf values in {sides}; "
-                    f"repair or re-download the model, or exclude the layer",
-                    (key,),
-                )
+                raise _non_finite(key, spec, (("base", self._base, w), ("tuned", self._tuned, t)))
             mat = as_matrix(d)
-            fro2 = float(torch.sum(mat.double() ** 2)) if mat.device.type == "cpu" else float(torch.sum(mat * mat))
-            base_norm = float(torch.linalg.vector_norm(w))
-            return _Item(spec, mat, fro2, base_norm)
+            return _Item(spec, mat, _sum_squares(mat), math.sqrt(_sum_squares(w)))
         except BaseException as e:  # noqa: BLE001 — handed to the consumer
             return _Item(spec, error=e)
+
+
+_SQ_CHUNK = 1 << 16
+
+
+def _difference(w: Tensor, t: Tensor) -> Tensor:
+    """``t − w`` in fp32, both sides upcast before subtracting, without an fp32 copy of ``w``."""
+    if w.dtype == torch.float64 or t.dtype == torch.float64:
+        return (t.double() - w.double()).float()
+    d = t.to(torch.float32, copy=True)
+    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        w = w.float()
+    return d.sub_(w)  # w is converted element by element inside the kernel
+
+
+def _sum_squares(t: Tensor) -> float:
+    """Σ t² accumulated in fp64 (chunked on the CPU: no fp64 copy of a large tensor)."""
+    if t.device.type != "cpu":
+        return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+    flat = t.reshape(-1)
+    total = 0.0
+    for chunk in flat.split(_SQ_CHUNK):
+        c = chunk.double()
+        total += float(torch.dot(c, c))
+    return total
+
+
+def _non_finite(key: str, spec: LayerSpec, sides: Sequence[tuple[str, WeightSource, Tensor]]) -> NonFiniteError:
+    bad = [f"{side} checkpoint {src.name!r}" for side, src, x in sides if not bool(torch.isfinite(x.float()).all())]
+    where = " and ".join(bad) or "the difference (an overflow)"
+    return NonFiniteError(
+        f"tensor {key} (layer {spec.kohya}) holds NaN or Inf values in {where}; "
+        f"repair or re-download the model, or exclude the layer",
+        (key,),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,8 @@ from .progress import ProgressFn
 from .rank import RankPolicy
 from .report import LayerStat, Report
 from .resize import (
-    check_finite, is_text_encoder, layer_stat, refactor_dense, refactor_factors, run_layers, skipped_stat, to_layer,
+    NON_FINITE_NOTE, is_text_encoder, layer_is_finite, layer_stat, raise_non_finite, refactor_dense, refactor_factors,
+    run_layers, skipped_stat, to_layer,
 )
 from .types import Arch, DiffLayer, LayerDelta, LayerKind, Lora, LoraLayer, as_matrix
 
@@ -393,7 +394,8 @@ def merge(
         RankwiseError: no inputs, every ratio 0, SVD mode without a policy, block weights without a
             known architecture.
         MismatchError: inputs for different architectures or with different layer shapes.
-        NonFiniteError: NaN/Inf in a contributing input (names the input and layers).
+        NonFiniteError: NaN/Inf in a contributing input (names every such layer and its inputs;
+            checked layer by layer during the pass, so raised after it).
     """
     mode = MergeMode(mode)
     if not inputs:
@@ -404,8 +406,6 @@ def merge(
     active = [i for i, inp in enumerate(inputs) if float(inp.ratio) != 0.0]
     if not active:
         raise RankwiseError("every merge ratio is 0: nothing to merge")
-    for i in active:
-        check_finite(inputs[i].lora, label=_label(inputs[i], i))
     arch = _check_archs(inputs, active)
     blocks = _block_lookup(arch, inputs, active)
     out_dtype = dtype or _output_dtype(inputs, active)
@@ -418,11 +418,17 @@ def merge(
         if isinstance(job, LayerStat):
             return None, job
         shape, terms, note, seed = job
+        bad = [_label(inputs[t.index], t.index) for t in terms if not layer_is_finite(t.layer)]
+        if bad:
+            return None, skipped_stat(name, shape, input_rank=None, note=f"{NON_FINITE_NOTE} ({', '.join(bad)})")
         return _merge_layer(name, shape, terms, mode=mode, policy=policy, dtype=out_dtype, note=note, seed=seed)
 
     results = run_layers(run, names, workers=workers, progress=progress)
     layers = {name: layer for name, (layer, _) in zip(names, results) if layer is not None}
     stats = [stat for _, stat in results]
+    bad = [s for s in stats if s.note.startswith(NON_FINITE_NOTE)]
+    raise_non_finite([s.name for s in bad], "the merge input",
+                     shown_as=[f"{s.name} in {s.note[len(NON_FINITE_NOTE) + 2:-1]}" for s in bad])
 
     labels = [_label(inputs[i], i) for i in active]
     notes = _notes(inputs, active, stats, arch, unlabelled, mode, empty_result=not layers)

@@ -45,7 +45,7 @@ from .types import DiffLayer, LayerDelta, LayerKind, Lora, LoraLayer, as_matrix,
 Tensor = torch.Tensor
 T = TypeVar("T")
 
-_NON_FINITE = "NaN/Inf in the input"
+NON_FINITE_NOTE = "NaN/Inf in the input"
 
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 
@@ -55,26 +55,21 @@ def is_text_encoder(name: str) -> bool:
     return name.startswith(TEXT_ENCODER_PREFIXES)
 
 
-def non_finite_layers(lora: Lora) -> tuple[str, ...]:
-    """Names of the layers holding NaN or Inf in any tensor."""
-    return tuple(name for name, layer in lora.layers.items() if not _layer_finite(layer))
-
-
-def _layer_finite(layer: LayerDelta) -> bool:
+def layer_is_finite(layer: LayerDelta) -> bool:
+    """No NaN/Inf in any of the layer's tensors."""
     parts = [layer.diff] if isinstance(layer, DiffLayer) else [layer.up, layer.down, layer.mid]
     return all(t is None or bool(torch.isfinite(t).all()) for t in parts)
 
 
-def check_finite(lora: Lora, label: str = "input") -> None:
-    """Raise :class:`NonFiniteError` naming every layer with NaN/Inf values."""
-    raise_non_finite(non_finite_layers(lora), label)
+def raise_non_finite(bad: Sequence[str], label: str = "input", shown_as: Sequence[str] | None = None) -> None:
+    """Raise :class:`NonFiniteError` for the layers ``bad`` (no-op when empty).
 
-
-def raise_non_finite(bad: Sequence[str], label: str = "input") -> None:
-    """Raise :class:`NonFiniteError` for the layers ``bad`` (no-op when empty)."""
+    ``shown_as``: how to print each layer in the message (default: its name).
+    """
     bad = tuple(bad)
     if bad:
-        shown = ", ".join(bad[:8]) + (f" … (+{len(bad) - 8} more)" if len(bad) > 8 else "")
+        display = list(shown_as) if shown_as is not None else list(bad)
+        shown = ", ".join(display[:8]) + (f" … (+{len(bad) - 8} more)" if len(bad) > 8 else "")
         raise NonFiniteError(
             f"{label} has NaN/Inf values in {len(bad)} layer(s): {shown}; the file is damaged or was "
             f"saved from a diverged training run — re-export it or exclude these layers",
@@ -217,7 +212,7 @@ def _resize_layer(
         return _resize_finite_layer(name, layer, policy, strength, dtype)
     except NonFiniteError:
         # the SVD checks its inputs (‖·‖² is not finite) at no extra cost; name the layer instead
-        return None, skipped_stat(name, layer.weight_shape, input_rank=None, note=_NON_FINITE)
+        return None, skipped_stat(name, layer.weight_shape, input_rank=None, note=NON_FINITE_NOTE)
 
 
 def _resize_finite_layer(
@@ -234,7 +229,7 @@ def _resize_finite_layer(
         return out, layer_stat(name, shape, out, ref, input_rank=None, note="dense input → LoRA")
     scale = layer.scale
     if scale == 0.0:
-        if not _layer_finite(layer):
+        if not layer_is_finite(layer):
             raise NonFiniteError("non-finite factors", names=(name,))
         return None, skipped_stat(name, shape, input_rank=layer.rank, note="empty: alpha is 0")
     up = layer.up_matrix() * (strength * scale)
@@ -332,7 +327,7 @@ def resize(
         lambda name: _resize_layer(name, lora.layers[name], policy, strength, dtype),
         names, workers=workers, progress=progress,
     )
-    raise_non_finite([stat.name for _, stat in results if stat.note == _NON_FINITE])
+    raise_non_finite([stat.name for _, stat in results if stat.note == NON_FINITE_NOTE])
     layers = {name: out for name, (out, _) in zip(names, results) if out is not None}
     stats = [stat for _, stat in results]
 

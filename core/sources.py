@@ -283,18 +283,14 @@ def _table_keys(table: KeyTable, style: KeyStyle) -> dict[str, tuple[LayerSpec, 
     return {k: tuple(v) for k, v in out.items()}
 
 
-def _pick_table(arch: Arch, shapes: Mapping[str, tuple[int, ...]], style: KeyStyle) -> tuple[KeyTable, str]:
-    best: tuple[int, KeyTable, str] | None = None
-    for size in SIZES:
+def _pick_size(arch: Arch, shapes: Mapping[str, tuple[int, ...]], style: KeyStyle) -> str:
+    """The key-table size ("full" / "tiny") whose shapes match most of the source's keys."""
+    def hits(size: str) -> int:
         table = key_table(arch, size)
-        hits = 0
-        for key, specs in _table_keys(table, style).items():
-            if shapes.get(key) == _expected_shape(table, key, specs[0], style):
-                hits += 1
-        if best is None or hits > best[0]:
-            best = (hits, table, size)
-    assert best is not None
-    return best[1], best[2]
+        return sum(1 for key, specs in _table_keys(table, style).items()
+                   if shapes.get(key) == _expected_shape(table, key, specs[0], style))
+
+    return max(SIZES, key=hits)  # ties: the first (full)
 
 
 def _listing(items: list[str], what: str) -> str:
@@ -319,8 +315,8 @@ def compare_pair(base: WeightSource, tuned: WeightSource, *,
             f"architectures differ: base {base.name!r} is {arch_b.value.upper()}, tuned {tuned.name!r} is "
             f"{arch_t.value.upper()}; extract from two checkpoints of the same family"
         )
-    table, size = _pick_table(arch_b, base_shapes, style)
-    tuned_table, tuned_size = _pick_table(arch_b, tuned_shapes, style)
+    size, tuned_size = _pick_size(arch_b, base_shapes, style), _pick_size(arch_b, tuned_shapes, style)
+    table = key_table(arch_b, size)
     if tuned_size != size:
         raise MismatchError(
             f"model sizes differ: base {base.name!r} matches the {size} {arch_b.value} table, tuned "
@@ -407,5 +403,10 @@ def preflight(base: WeightSource, tuned: WeightSource, *,
             + ". Use two checkpoints of the same model family and layout."
         )
     if report.layers == 0:
-        raise MismatchError(f"{base.name!r} and {tuned.name!r} share no {report.arch.value} layer to compare")
+        other = KeyStyle.COMFY if report.key_style is KeyStyle.CHECKPOINT else KeyStyle.CHECKPOINT
+        raise MismatchError(
+            f"{base.name!r} and {tuned.name!r} share no {report.arch.value} layer under {report.key_style.value} "
+            f"keys; if these are {'ComfyUI' if other is KeyStyle.COMFY else 'original checkpoint'} state dicts, "
+            f"use key_style={other.value!r}"
+        )
     return table, report

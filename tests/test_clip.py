@@ -27,15 +27,6 @@ from rankwise.core.types import Arch
 POS_KEY = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded torch: 2 spinning OpenMP threads crawl on tiny matrices when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _weights(arch: Arch) -> dict[str, torch.Tensor]:
     return dict(random_weights(key_table(arch, "tiny"), seed=3))
 

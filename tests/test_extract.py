@@ -37,15 +37,6 @@ from rankwise.core.synthetic import DeltaKind, PlantedDelta, planted_delta, rand
 from rankwise.core.types import Arch, LayerKind, as_matrix
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded torch: 2 spinning OpenMP threads crawl on tiny matrices when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fixed(r: int, **kw) -> RankPolicy:
     return RankPolicy(RankRule.parse(str(r)), **kw)
 

@@ -374,3 +374,17 @@ def test_block_weights_with_unknown_block_rejected(gen):
     lora = Lora({spec.kohya: rand_layer(spec.shape, 2, alpha=2, gen=gen)}, arch=Arch.SD1)
     with pytest.raises(RankwiseError, match="unknown block.*IN99"):
         merge([MergeInput(lora, 1.0, "x", block_weights={"IN99": 0.0})], mode=MergeMode.CONCAT)
+
+
+def test_nan_layers_named_with_their_inputs(gen):
+    a, b = rand_lora(gen, 2, 2.0), rand_lora(gen, 2, 2.0)
+    up = a.layers["lora_unet_a_to_q"].up.clone()
+    up[0, 0] = float("nan")
+    a = Lora({**a.layers, "lora_unet_a_to_q": LoraLayer(up, a.layers["lora_unet_a_to_q"].down, 2.0)})
+    diff = torch.zeros(64, 32)
+    diff[1, 1] = float("inf")
+    b = Lora({**b.layers, "lora_te_text_model_encoder_layers_0_mlp_fc1": DiffLayer(diff)})
+    with pytest.raises(NonFiniteError, match=r"2 layer.*lora_unet_a_to_q in first.*fc1 in second") as info:
+        merge([MergeInput(a, 1.0, "first"), MergeInput(b, 1.0, "second")], mode=MergeMode.SVD,
+              policy=RankPolicy(RankRule.parse("2")), workers=2)
+    assert set(info.value.names) == {"lora_unet_a_to_q", "lora_te_text_model_encoder_layers_0_mlp_fc1"}

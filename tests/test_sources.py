@@ -25,14 +25,6 @@ from rankwise.core.synthetic import DeltaKind, PlantedDelta, random_weights, wri
 from rankwise.core.types import Arch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sd1_pair(tmp_path_factory):
     """A tiny SD1 pair on disk (no delta: only keys and shapes matter here)."""
@@ -146,6 +138,8 @@ def test_comfy_key_style_reads_layers_by_comfy_key(sd1_pair):
     src = StateDictSource(comfy, "comfy")
     got_table, report = preflight(src, src, key_style=KeyStyle.COMFY)
     assert got_table is table and report.ok and report.layers == len(table)
+    with pytest.raises(MismatchError, match="key_style='comfy'"):
+        preflight(src, src)
 
 
 def test_openclip_fused_rows_are_sliced():

@@ -5,7 +5,8 @@ and whose models/checkpoints holds empty files with the names the workflows use,
 in headless Chromium through Playwright's CDP client (no browser download: Debian's
 ``/usr/bin/chromium``), loads each workflow with ``app.loadGraphData``, fits the view to the
 nodes and screenshots the canvas. It also checks that the frontend reads every node's widget
-values the way the file means them (``app.graph.serialize()`` compared with the file).
+values the way the file means them (``app.graph.serialize()`` compared with the file) and that no
+node is smaller than the frontend's minimum size for it (which would make nodes overlap).
 
 Run it from a tools venv (not the project venv), e.g.:
 
@@ -208,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(1.0)
                     saved = page.evaluate("() => window.app.graph.serialize()")
                     problems = widget_mismatches(saved, workflow)
+                    # nodes the frontend needs taller/wider than the file says (they would overlap)
+                    small = page.evaluate("""() => window.app.graph._nodes
+                        .map(n => [n.id, n.type, n.computeSize(), n.size])
+                        .filter(([, , c, s]) => c[0] > s[0] + 1 || c[1] > s[1] + 1)""")
+                    problems += [f"node {i} {t}: frontend minimum size {[round(v) for v in c]} > file {s}"
+                                 for i, t, c, s in small]
                     if args.dump_serialized:
                         args.dump_serialized.mkdir(parents=True, exist_ok=True)
                         (args.dump_serialized / path.name).write_text(json.dumps(saved, indent=1))
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.png_dir.mkdir(parents=True, exist_ok=True)
                         (args.png_dir / f"{path.stem}.png").write_bytes(png)
                     size = to_jpeg(png, path.with_suffix(".jpg"), args.max_bytes, args.width, box["crop"])
-                    state = "OK" if not problems else "WIDGET MISMATCH"
+                    state = "OK" if not problems else "PROBLEMS"
                     print(f"{path.with_suffix('.jpg').name}: {size} bytes, scale {box['scale']:.2f} — {state}")
                     for p in problems:
                         print("   ", p)
