@@ -129,7 +129,12 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing output")
     p.add_argument("--dry-run", action="store_true", help="print the report, write nothing")
     p.add_argument("--report-json", help="also write the per-layer report as JSON")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads per worker (default 1: multi-threaded BLAS on small layers collapses "
+        "when anything else is busy; extraction reads the next layer on a second thread)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="layers processed in parallel (resize/merge)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="print every layer")
 
@@ -195,7 +200,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     for policy, path in zip(policies, paths):
         progress, close = _progress_bar(not args.no_progress)
         try:
-            out, report = resize(lora, policy, strength=args.strength, progress=progress)
+            out, report = resize(lora, policy, strength=args.strength, progress=progress,
+                                 workers=args.workers)
         finally:
             close()
         _emit_report(report, args, path if len(paths) > 1 else None)
@@ -232,7 +238,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     policy = None if mode is MergeMode.CONCAT else _policies(args)[0]
     progress, close = _progress_bar(not args.no_progress)
     try:
-        out, report = merge(inputs, mode=mode, policy=policy, progress=progress)
+        out, report = merge(inputs, mode=mode, policy=policy, progress=progress, workers=args.workers)
     finally:
         close()
     _emit_report(report, args)
@@ -341,7 +347,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n[3/4] saved {saved.path} ({saved.bytes / 1024:.0f} KiB, kohya format)")
     loaded, read = load_lora(path16)
     small, rreport = resize(loaded, RankPolicy(RankRule.parse("8")), strength=1.0)
-    print(f"\n[4/4] resize the saved file 16 → 8 (the planted rank):")
+    print("\n[4/4] resize the saved file 16 → 8 (the planted rank):")
     print(rreport.summary())
     print(f"\ndone in {time.perf_counter() - t0:.1f} s; files in {out_dir}")
     return 0

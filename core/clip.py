@@ -41,7 +41,7 @@ from .errors import MismatchError, NonFiniteError, UnsafePathError
 from .progress import ProgressFn, report
 from .io import check_output_path
 from .sources import KeyStyle, WeightSource, layer_source_key, source_dtype, source_path
-from .synthetic import write_safetensors_streaming
+from .stream_write import write_safetensors_streaming
 from .types import Arch
 
 Tensor = torch.Tensor

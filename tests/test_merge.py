@@ -19,15 +19,6 @@ from rankwise.core.merge import MergeInput, MergeMode, merge
 from rankwise.core.rank import RankPolicy, RankRule
 from rankwise.core.types import Arch, DiffLayer, Lora, LoraLayer, as_matrix
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Hundreds of small QRs: 2 BLAS threads on a busy 2-core machine are 10-40× slower than 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SHAPES = {
     "lora_unet_a_to_q": (48, 40),
     "lora_unet_b_conv1": (16, 8, 3, 3),

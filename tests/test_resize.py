@@ -18,15 +18,6 @@ from rankwise.core.resize import refactor_factors, resize
 from rankwise.core.types import Arch, DiffLayer, LayerKind, Lora, LoraLayer, as_matrix
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Hundreds of small QRs: 2 BLAS threads on a busy 2-core machine are 10-40× slower than 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rand_layer(out_f, in_f, r, *, alpha=None, gen, conv=None, dtype=torch.float32) -> LoraLayer:
     """A random LoRA layer; ``conv=(kh, kw)`` makes a conv layer (down r×in×kh×kw)."""
     up = torch.randn(out_f, r, generator=gen) / math.sqrt(r)
@@ -338,7 +329,7 @@ def test_workers_give_the_same_result_and_keep_threads(gen):
     policy = RankPolicy(RankRule.parse("sv_fro:0.9"))
     one, rep1 = resize(lora, policy)
     two, rep2 = resize(lora, policy, workers=2, progress=lambda d, t, n: None)
-    assert torch.get_num_threads() == 1  # restored (the autouse fixture set 1)
+    assert torch.get_num_threads() == 1  # restored (conftest sets 1)
     assert list(one.layers) == list(two.layers) and one.ranks() == two.ranks()
     for name in one.layers:
         assert rel(two.layers[name].delta(), one.layers[name].delta()) < 1e-5

@@ -1,0 +1,80 @@
+"""The command line end to end on tiny synthetic checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rankwise.core.cli import main
+from rankwise.core.io import load_lora
+from rankwise.core.synthetic import DeltaKind, PlantedDelta, write_checkpoint_pair
+from rankwise.core.types import Arch
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_pair")
+    base, tuned = d / "base.safetensors", d / "tuned.safetensors"
+    write_checkpoint_pair(base, tuned, Arch.SD1, size="tiny", delta=PlantedDelta(DeltaKind.LOWRANK, rank=4), seed=3)
+    return base, tuned
+
+
+def test_dry_run_writes_nothing(pair, tmp_path, capsys):
+    base, tuned = pair
+    out = tmp_path / "x.safetensors"
+    assert main(["extract", str(base), str(tuned), "-o", str(out), "--rank", "4", "--dry-run", "--no-progress"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "layers written" in capsys.readouterr().out
+
+
+def test_extract_sweep_resize_merge_info(pair, tmp_path, capsys):
+    base, tuned = pair
+    out = tmp_path / "sweep.safetensors"
+    args = ["extract", str(base), str(tuned), "-o", str(out), "--rule", "2,sv_fro:0.99", "--max-rank", "8",
+            "--report-json", str(tmp_path / "r.json"), "--spectrum", str(tmp_path / "s.png"), "--no-progress"]
+    assert main(args) == 0
+    r2, rfro = tmp_path / "sweep_r2.safetensors", tmp_path / "sweep_sv_fro0.99.safetensors"
+    assert r2.exists() and rfro.exists() and (tmp_path / "sweep_r2.png").exists()
+    report = json.loads((tmp_path / "sweep_r2.report.json").read_text())
+    assert report["operation"] == "extract" and report["totals"]["written"] > 0
+    lora, _ = load_lora(rfro)
+    assert max(lora.ranks().values()) <= 4  # planted rank 4 found by the dynamic rule
+
+    small = tmp_path / "small.safetensors"
+    assert main(["resize", str(rfro), "-o", str(small), "--rank", "1", "--strength", "1.05", "--no-progress"]) == 0
+    assert set(load_lora(small)[0].ranks().values()) == {1}
+
+    merged = tmp_path / "diff.safetensors"
+    assert main(["merge", f"{rfro}:1", f"{r2}:-1", "-o", str(merged), "--no-progress"]) == 0
+    m, _ = load_lora(merged)
+    a, b = load_lora(rfro)[0], load_lora(r2)[0]
+    name = next(iter(m.layers))
+    expected = a.layers[name].delta() - b.layers[name].delta()
+    torch.testing.assert_close(m.layers[name].delta(), expected, rtol=2e-3, atol=2e-5)
+
+    assert main(["info", str(merged), "--spectrum", str(tmp_path / "info.png"), "--metadata"]) == 0
+    assert (tmp_path / "info.png").exists()
+    capsys.readouterr()
+
+
+def test_refuses_to_overwrite_an_input(pair, capsys):
+    base, tuned = pair
+    assert main(["extract", str(base), str(tuned), "-o", str(tuned), "--rank", "2", "--no-progress"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_mismatched_architectures_are_a_clear_error(pair, tmp_path, capsys):
+    base, _ = pair
+    xl_base, xl_tuned = tmp_path / "xl_b.safetensors", tmp_path / "xl_t.safetensors"
+    write_checkpoint_pair(xl_base, xl_tuned, Arch.SDXL, size="tiny", seed=1)
+    assert main(["extract", str(base), str(xl_tuned), "--rank", "2", "--dry-run", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "sd1" in err.lower() and "sdxl" in err.lower()
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "demo_r16.safetensors").exists()
+    assert "done in" in capsys.readouterr().out
