@@ -201,8 +201,9 @@ def decompose_factored(up: Tensor, down: Tensor, *, k: int | None = None) -> Dec
             tall = m > n
             res, notes = _ladder(dense.mT if tall else dense, q, [("thin-svd", _thin_svd)], full=True, fro2=dense_fro2)
             return _assemble(res, tall, dense_fro2, p, out_device, notes)
-        res, notes = _factored_ladder(up32, down32)
-        q = res.S.numel() if k is None else max(1, min(int(k), res.S.numel()))
+        kept = None if k is None else max(1, min(int(k), r))
+        res, notes = _factored_ladder(up32, down32, kept)
+        q = res.S.numel() if k is None else max(1, min(int(k), res.S.numel(), res.U.shape[1]))
         core_fro2 = res.fro2 if res.fro2 is not None else float((res.S.double() ** 2).sum())
         values = torch.zeros(p, dtype=torch.float64)
         values[: res.S.numel()] = res.S.detach().double().cpu()
@@ -447,7 +448,7 @@ def _check(res: _Result, fro2: float, s: int) -> _Result:
     if not all(math.isfinite(float(t.sum())) for t in (S, res.U, res.Vh)):
         raise _BadOutput("non-finite singular values or vectors")
     if S.numel():
-        if bool((S[1:] > S[:-1]).any()):  # keep the contract: descending
+        if res.U.shape[1] == S.numel() and bool((S[1:] > S[:-1]).any()):  # keep the contract: descending
             order = torch.argsort(S, descending=True)
             res = res._replace(S=S[order], U=res.U[:, order], Vh=res.Vh[order])
             S = res.S
@@ -505,11 +506,11 @@ def _ladder(
     ) from last
 
 
-def _factored_ladder(up: Tensor, down: Tensor) -> tuple[_Result, list[str]]:
-    steps: list[tuple[str, Callable[[], _Result]]] = [("qr-factored", lambda: _qr_factored(up, down))]
+def _factored_ladder(up: Tensor, down: Tensor, k: int | None = None) -> tuple[_Result, list[str]]:
+    steps: list[tuple[str, Callable[[], _Result]]] = [("qr-factored", lambda: _qr_factored(up, down, k))]
     if up.device.type != "cpu":
-        steps.append(("cpu", lambda: _qr_factored(up.cpu(), down.cpu())))
-    steps.append(("float64", lambda: _qr_factored(up.cpu().double(), down.cpu().double())))
+        steps.append(("cpu", lambda: _qr_factored(up.cpu(), down.cpu(), k)))
+    steps.append(("float64", lambda: _qr_factored(up.cpu().double(), down.cpu().double(), k)))
     notes: list[str] = []
     reasons: list[str] = []
     for i, (name, fn) in enumerate(steps):
@@ -764,14 +765,33 @@ def _fast_excess(res: _Result, fro2: float, k: int) -> float:
     return math.sqrt(err2 / (err2 - E)) - 1.0
 
 
-def _qr_factored(up: Tensor, down: Tensor) -> _Result:
-    """QR trick on A = up·down (U, Vh of A itself, not of a wide orientation)."""
-    Qu, Ru = torch.linalg.qr(up)
-    Qd, Rd = torch.linalg.qr(down.mT)
-    core = Ru @ Rd.mT
+def _qr_factored(up: Tensor, down: Tensor, k: int | None = None) -> _Result:
+    """QR trick on A = up·down (U, Vh of A itself, not of a wide orientation).
+
+    With ``k`` (fewer triplets than the rank R), Q is never formed: the Householder reflectors of
+    ``geqrf`` are applied to the k kept core vectors only (``ormqr``), which saves the m×R Q and its
+    m×R×R product — about a third of the time for stacked merges (R = 512, k = 128).
+    """
+    r = int(up.shape[1])
+    if k is None or k >= r:
+        Qu, Ru = torch.linalg.qr(up)
+        Qd, Rd = torch.linalg.qr(down.mT)
+        core = Ru @ Rd.mT
+        Uc, S, Vch = torch.linalg.svd(core)
+        fro2 = float((core.double() ** 2).sum())
+        return _Result((Qu @ Uc).float(), S.float(), (Vch @ Qd.mT).float(), "qr-factored", fro2=fro2)
+    hu, tau_u = torch.geqrf(up)
+    hd, tau_d = torch.geqrf(down.mT.contiguous())
+    core = hu[:r].triu() @ hd[:r].triu().mT
     Uc, S, Vch = torch.linalg.svd(core)
     fro2 = float((core.double() ** 2).sum())
-    return _Result((Qu @ Uc).float(), S.float(), (Vch @ Qd.mT).float(), "qr-factored", fro2=fro2)
+    x = up.new_zeros(up.shape[0], k)
+    x[:r] = Uc[:, :k]
+    y = up.new_zeros(down.shape[1], k)
+    y[:r] = Vch[:k].mT
+    U = torch.ormqr(hu, tau_u, x)
+    V = torch.ormqr(hd, tau_d, y)
+    return _Result(U.float(), S.float(), V.mT.float(), "qr-factored", fro2=fro2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -417,10 +417,10 @@ def test_fast_failure_falls_back_to_exact(gen, monkeypatch):
 def test_factored_fallback_to_float64(gen, monkeypatch):
     original = svd._qr_factored
 
-    def fp32_fails(up, down):
+    def fp32_fails(up, down, k=None):
         if up.dtype == torch.float32:
             raise torch.linalg.LinAlgError("induced")
-        return original(up, down)
+        return original(up, down, k)
 
     monkeypatch.setattr(svd, "_qr_factored", fp32_fails)
     dec = decompose_factored(torch.randn(50, 5, generator=gen), torch.randn(5, 40, generator=gen))
@@ -469,3 +469,16 @@ def test_set_threads():
             svd.set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("m, n, r, k", [(60, 70, 20, 5), (200, 40, 30, 8), (30, 300, 12, 12), (64, 64, 16, 1)])
+def test_factored_with_k_matches_full(gen, m, n, r, k):
+    """With k < R only the kept columns of Q are formed (geqrf + ormqr); same triplets as without k."""
+    up, down = torch.randn(m, r, generator=gen), torch.randn(r, n, generator=gen)
+    full, part = decompose_factored(up, down), decompose_factored(up, down, k=k)
+    assert part.U.shape == (m, k) and part.Vh.shape == (k, n)
+    torch.testing.assert_close(part.S, full.S[:k])
+    torch.testing.assert_close((part.U * part.S) @ part.Vh, (full.U[:, :k] * full.S[:k]) @ full.Vh[:k],
+                               rtol=1e-4, atol=1e-4 * float(full.S[0]))
+    torch.testing.assert_close(part.U.mT @ part.U, torch.eye(k), atol=1e-5, rtol=0)
+    assert part.spectrum.complete and torch.equal(part.spectrum.values, full.spectrum.values)
