@@ -62,7 +62,7 @@ from .progress import ProgressFn, report as report_progress
 from .rank import RankChoice, RankPolicy, Spectrum, select_rank
 from .report import LayerStat, Report
 from .sources import KeyStyle, PairReport, WeightSource, layer_source_key, preflight
-from .svd import Decomposition, SvdMethod, decompose, set_threads, split_factors
+from .svd import Decomposition, SvdMethod, decompose, set_threads, split_factors, sum_squares
 from .types import LayerKind, Lora, LoraLayer, as_matrix, factors_to_layer_shapes
 
 Tensor = torch.Tensor
@@ -548,12 +548,9 @@ class _Prefetcher:
             if not bool(torch.isfinite(d).all()):
                 raise _non_finite(key, spec, (("base", self._base, w), ("tuned", self._tuned, t)))
             mat = as_matrix(d)
-            return _Item(spec, mat, _sum_squares(mat), math.sqrt(_sum_squares(w)))
+            return _Item(spec, mat, sum_squares(mat), math.sqrt(sum_squares(w)))
         except BaseException as e:  # noqa: BLE001 — handed to the consumer
             return _Item(spec, error=e)
-
-
-_SQ_CHUNK = 1 << 16
 
 
 def _difference(w: Tensor, t: Tensor) -> Tensor:
@@ -564,18 +561,6 @@ def _difference(w: Tensor, t: Tensor) -> Tensor:
     if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         w = w.float()
     return d.sub_(w)  # w is converted element by element inside the kernel
-
-
-def _sum_squares(t: Tensor) -> float:
-    """Σ t² accumulated in fp64 (chunked on the CPU: no fp64 copy of a large tensor)."""
-    if t.device.type != "cpu":
-        return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
-    flat = t.reshape(-1)
-    total = 0.0
-    for chunk in flat.split(_SQ_CHUNK):
-        c = chunk.double()
-        total += float(torch.dot(c, c))
-    return total
 
 
 def _non_finite(key: str, spec: LayerSpec, sides: Sequence[tuple[str, WeightSource, Tensor]]) -> NonFiniteError:

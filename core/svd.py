@@ -183,7 +183,7 @@ def decompose_factored(up: Tensor, down: Tensor, *, k: int | None = None) -> Dec
     with torch.no_grad():
         up32 = up.detach().to(torch.float32)
         down32 = down.detach().to(device=up32.device, dtype=torch.float32)
-        fro_up, fro_down = _fro2(up32), _fro2(down32)
+        fro_up, fro_down = sum_squares(up32), sum_squares(down32)
         if not (math.isfinite(fro_up) and math.isfinite(fro_down)):
             bad = {name: t for name, t in (("up", up32), ("down", down32)) if not _all_finite(t)}
             detail = "; ".join(f"{name}: {_nonfinite_counts(t)}" for name, t in bad.items())
@@ -196,7 +196,7 @@ def decompose_factored(up: Tensor, down: Tensor, *, k: int | None = None) -> Dec
             return _empty(m, n, p, out_device, method="qr-factored")
         if r >= p:
             dense = up32 @ down32
-            dense_fro2 = _fro2(dense)
+            dense_fro2 = sum_squares(dense)
             q = p if k is None else max(1, min(int(k), p))
             tall = m > n
             res, notes = _ladder(dense.mT if tall else dense, q, [("thin-svd", _thin_svd)], full=True, fro2=dense_fro2)
@@ -333,7 +333,7 @@ def _decompose_on(
     m, n = int(A.shape[0]), int(A.shape[1])
     p = min(m, n)
     A32 = A.detach().to(device=dev, dtype=torch.float32)
-    fro2 = _fro2(A32)
+    fro2 = sum_squares(A32)
     if not math.isfinite(fro2):
         raise NonFiniteError(
             f"the {m}×{n} matrix contains {_nonfinite_counts(A32)}; SVD of non-finite values is "
@@ -419,7 +419,7 @@ def _fresh(t: Tensor, device: torch.device) -> Tensor:
     return t
 
 
-def _fro2(t: Tensor) -> float:
+def sum_squares(t: Tensor) -> float:
     """Σ t², accumulated in fp64 in cache-sized chunks (exact to fp64 round-off); inf/nan if non-finite."""
     if t.device.type != "cpu":  # one reduction on the device (no per-chunk synchronisation)
         return float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2)
