@@ -39,11 +39,13 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import torch
 
 from .errors import FormatError, MismatchError, NonFiniteError
+from .stream_write import StreamItem
 from .types import Arch, DiffLayer, LayerDelta, Lora, LoraLayer
 
 if TYPE_CHECKING:
@@ -883,10 +885,43 @@ def _layer_tensors(layer: LayerDelta) -> dict[str, Tensor]:
     return parts
 
 
-def _write(lora: Lora, dtype: torch.dtype, name_of) -> dict[str, Tensor]:
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def common_alpha(lora: Lora) -> float | None:
+    """The most common alpha of the low-rank layers (ties: the larger), or None without any."""
+    counts: dict[float, int] = {}
+    for layer in lora.layers.values():
+        if isinstance(layer, LoraLayer):
+            counts[float(layer.alpha)] = counts.get(float(layer.alpha), 0) + 1
+    return max(counts, key=lambda a: (counts[a], a)) if counts else None
+
+
+def lora_state_items(
+    lora: Lora,
+    *,
+    dtype: torch.dtype = torch.float16,
+    alpha: float | None = None,
+    name_of: Callable[[str], str] | None = None,
+) -> list[StreamItem]:
+    """The kohya state dict of ``lora`` as stream items ``(key, shape, dtype, producer)``: each
+    tensor is cast (a fresh CPU copy) only when its producer is called, so a file can be hashed
+    and written one tensor at a time.
+
+    Keys: ``<name>.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` (0-d, save dtype unless that
+    would round it, then fp32), ``.lora_mid.weight`` for Tucker layers, ``<name>.diff`` for dense
+    layers; ``name_of`` renames the module part. With ``alpha``, every low-rank layer is written
+    with that alpha and its ``up`` scaled by ``alpha_i / alpha`` (ΔW unchanged).
+
+    Everything is checked first: :class:`NonFiniteError` names all layers holding NaN/Inf, or
+    overflowing ``dtype`` after the cast; ``ValueError`` for an unsupported dtype or alpha.
+    """
+    if dtype not in SAVE_DTYPES:
         raise ValueError(f"save dtype must be float16, bfloat16, float32 or float64, got {dtype}")
-    out: dict[str, Tensor] = {}
+    if alpha is not None and (not math.isfinite(float(alpha)) or float(alpha) <= 0):
+        raise ValueError(f"a uniform alpha must be a positive number, got {alpha}")
+    rename = name_of or (lambda name: name)
+    items: list[StreamItem] = []
     nonfinite: list[str] = []
     overflow: list[str] = []
     for name, layer in lora.layers.items():
@@ -894,14 +929,20 @@ def _write(lora: Lora, dtype: torch.dtype, name_of) -> dict[str, Tensor]:
         if not all(bool(torch.isfinite(t).all()) for t in parts.values()):
             nonfinite.append(name)
             continue
-        prefix = name_of(name)
-        cast = {suffix: _cast(t, dtype) for suffix, t in parts.items()}
-        if not all(bool(torch.isfinite(t).all()) for t in cast.values()):
+        scale = 1.0
+        if isinstance(layer, LoraLayer) and alpha is not None and float(layer.alpha) != float(alpha):
+            scale = float(layer.alpha) / float(alpha)
+        prefix = rename(name)
+        fits = True
+        for suffix, t in parts.items():
+            produce = partial(_cast_scaled, t, scale if suffix == "lora_up.weight" else 1.0, dtype)
+            fits = fits and bool(torch.isfinite(produce()).all())
+            items.append((f"{prefix}.{suffix}", tuple(t.shape), dtype, produce))
+        if not fits:
             overflow.append(name)
-        for suffix, t in cast.items():
-            out[f"{prefix}.{suffix}"] = t
         if isinstance(layer, LoraLayer):
-            out[f"{prefix}.alpha"] = _alpha_tensor(layer.alpha, dtype)
+            a = _alpha_tensor(layer.alpha if scale == 1.0 else float(alpha), dtype)
+            items.append((f"{prefix}.alpha", (), a.dtype, partial(torch.clone, a)))
     if nonfinite:
         raise NonFiniteError(
             f"{len(nonfinite)} layers hold NaN/Inf values: {_sample(nonfinite, 6)}", tuple(nonfinite)
@@ -913,7 +954,17 @@ def _write(lora: Lora, dtype: torch.dtype, name_of) -> dict[str, Tensor]:
             "float32, or lower the strength.",
             tuple(overflow),
         )
-    return out
+    return items
+
+
+def _cast_scaled(t: Tensor, factor: float, dtype: torch.dtype) -> Tensor:
+    if factor != 1.0:
+        return (t.detach().float() * factor).to(device="cpu", dtype=dtype).contiguous()
+    return _cast(t, dtype)
+
+
+def _write(lora: Lora, dtype: torch.dtype, name_of) -> dict[str, Tensor]:
+    return {key: produce() for key, _, _, produce in lora_state_items(lora, dtype=dtype, name_of=name_of)}
 
 
 def with_uniform_alpha(lora: Lora, alpha: float | None = None) -> Lora:
@@ -925,14 +976,10 @@ def with_uniform_alpha(lora: Lora, alpha: float | None = None) -> Lora:
     dynamic-rank file with alpha = rank loads mis-scaled there; with one alpha it loads exactly (see
     tests/test_diffusers_oracle.py). ComfyUI, A1111 and kohya read either form identically.
     """
-    low_rank = {n: l for n, l in lora.layers.items() if isinstance(l, LoraLayer)}
-    if not low_rank:
-        return lora
     if alpha is None:
-        counts: dict[float, int] = {}
-        for layer in low_rank.values():
-            counts[float(layer.alpha)] = counts.get(float(layer.alpha), 0) + 1
-        alpha = max(counts, key=lambda a: (counts[a], a))
+        alpha = common_alpha(lora)
+        if alpha is None:
+            return lora
     alpha = float(alpha)
     if not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"a uniform alpha must be a positive number, got {alpha}")

@@ -17,14 +17,16 @@ import os
 import pickle
 import secrets
 import struct
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import FormatError, UnsafePathError
-from .formats import ReadReport, lora_from_state_dict, lora_to_state_dict, with_uniform_alpha
-from .metadata import safetensors_hashes
+from .formats import ReadReport, common_alpha, lora_from_state_dict, lora_state_items
+from .metadata import streamed_hashes
+from .stream_write import plan_safetensors, write_plan
 from .types import Arch, Lora
 
 if TYPE_CHECKING:
@@ -152,21 +154,25 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
 
 
 class SafetensorsSource:
-    """Streaming, memory-mapped read of one .safetensors file, tensor by tensor.
+    """Streaming read of one .safetensors file, tensor by tensor.
 
-    ``shape``/``dtype``/``keys`` come from the validated header and read no tensor data.
-    Use as a context manager or call :meth:`close`.
+    ``shape``/``dtype``/``keys`` come from the validated header and read no tensor data. ``get``
+    reads exactly that tensor's bytes into a fresh CPU tensor (positional reads, no memory map):
+    once the caller drops it, nothing of the file stays in this process's memory, so streaming a
+    6.9 GB checkpoint costs one tensor at a time (the OS page cache is not process memory). Safe
+    to call from several threads. Use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors import SafetensorError, safe_open
-
         self.path = os.fspath(path)
         self._infos, self.metadata = read_safetensors_header(self.path)
         try:
-            self._file = safe_open(self.path, framework="pt", device="cpu")
-        except (SafetensorError, OSError) as e:
+            self._fh = open(self.path, "rb", buffering=0)
+            (n,) = struct.unpack("<Q", self._fh.read(8))
+        except OSError as e:
             raise FormatError(f"{self.path}: cannot open as safetensors ({e})") from None
+        self._data_start = 8 + n
+        self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -199,30 +205,54 @@ class SafetensorsSource:
         return {k: i.shape for k, i in self._infos.items()}
 
     def get(self, key: str) -> Tensor:
-        """The tensor on CPU, in its stored dtype."""
-        from safetensors import SafetensorError
+        """The tensor on CPU, in its stored dtype (a private copy: writing to it changes nothing on disk)."""
+        info = self._info(key)
+        dtype = self.dtype(key)
+        begin, end = info.offsets
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            self._read_into(memoryview(buf.numpy()), self._data_start + begin, key)
+        return buf.view(dtype).reshape(info.shape)
 
-        self._info(key)
-        if self._file is None:
-            raise ValueError(f"{self.path} is closed")
-        try:
-            return self._file.get_tensor(key)
-        except SafetensorError as e:
-            raise FormatError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
+    def _read_into(self, view: memoryview, offset: int, key: str) -> None:
+        with self._lock:
+            fh = self._fh
+            if fh is None:
+                raise ValueError(f"{self.path} is closed")
+            try:
+                fh.seek(offset)
+                done = 0
+                while done < len(view):
+                    got = fh.readinto(view[done:])
+                    if not got:
+                        raise FormatError(
+                            f"{self.path}: cannot read tensor {key!r} (file ended early; was it changed "
+                            f"or truncated while open?)"
+                        )
+                    done += got
+            except OSError as e:
+                raise FormatError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
 
     def close(self) -> None:
-        f, self._file = getattr(self, "_file", None), None
-        if f is not None and hasattr(f, "__exit__"):
-            try:
-                f.__exit__(None, None, None)
-            except Exception:
-                pass
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
 
     def __enter__(self) -> "SafetensorsSource":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,17 +474,13 @@ def save_lora(
     Raises :class:`UnsafePathError` (see :func:`check_output_path`), :class:`NonFiniteError` naming
     layers with NaN/Inf before or after the cast, ``TypeError`` for non-string metadata.
     """
-    import safetensors.torch
-
     target = check_output_path(path, inputs=inputs, overwrite=overwrite)
     if len(lora) == 0:
         raise FormatError(
             f"{target}: the LoRA is empty (no layers) — nothing to save; check the inputs, filters or "
             "merge ratios that produced it"
         )
-    if uniform_alpha:
-        lora = with_uniform_alpha(lora)
-    tensors = lora_to_state_dict(lora, dtype=dtype)
+    items = lora_state_items(lora, dtype=dtype, alpha=common_alpha(lora) if uniform_alpha else None)
     md: dict[str, str] = dict(lora.metadata)
     for k, v in (metadata or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -467,10 +493,13 @@ def save_lora(
         raise FormatError(f"{target}: metadata of {header_size} bytes is too large for a safetensors header")
     directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
-    model_hash, legacy_hash = safetensors_hashes(tensors, md, spill_dir=directory)
+    # Two streaming passes (hash, then write): each tensor is cast when needed and dropped, so
+    # saving costs one tensor of memory beyond the LoRA itself.
+    model_hash, legacy_hash = streamed_hashes(items, md)
     md["sshs_model_hash"] = model_hash
     md["sshs_legacy_hash"] = legacy_hash
-    atomic_write(target, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=md))
+    plan = plan_safetensors(items, md)
+    atomic_write(target, lambda tmp: write_plan(tmp, plan, fsync=False))
     return SaveResult(
         path=target,
         bytes=os.path.getsize(target),

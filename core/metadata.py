@@ -18,12 +18,12 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 import time
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from .stream_write import SafetensorsPlan, StreamItem, iter_data, plan_safetensors
 from .types import Arch, LayerKind, Lora, LoraLayer
 
 Tensor = torch.Tensor
@@ -45,7 +45,6 @@ NETWORK_MODULE = "networks.lora"
 DYNAMIC = "Dynamic"
 
 # Bytes above which hashes are computed from a temporary file instead of an in-memory copy.
-HASH_IN_MEMORY_LIMIT = 256 * 2**20
 
 
 def rankwise_version() -> str:
@@ -156,13 +155,6 @@ def build_metadata(
 # kohya / sd-webui-additional-networks hashes
 
 
-def _hashes_of_bytes(data: bytes) -> tuple[str, str]:
-    n = int.from_bytes(data[:8], "little")
-    model = hashlib.sha256(memoryview(data)[8 + n :]).hexdigest()
-    legacy = hashlib.sha256(memoryview(data)[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
-    return model, legacy
-
-
 def safetensors_file_hashes(path: str | os.PathLike) -> tuple[str, str]:
     """(addnet model hash, addnet legacy hash) of a .safetensors file as it is on disk.
 
@@ -180,34 +172,50 @@ def safetensors_file_hashes(path: str | os.PathLike) -> tuple[str, str]:
     return model.hexdigest(), legacy
 
 
-def safetensors_hashes(
-    tensors: Mapping[str, Tensor],
-    metadata: Mapping[str, str],
-    *,
-    spill_dir: str | os.PathLike | None = None,
-) -> tuple[str, str]:
-    """``(sshs_model_hash, sshs_legacy_hash)`` exactly as kohya's ``precalculate_safetensors_hashes``.
+LEGACY_HASH_WINDOW = (0x100000, 0x100000 + 0x10000)
 
-    kohya serialises ``tensors`` with only the ``ss_*`` metadata and hashes that byte string (see
-    :func:`safetensors_file_hashes`). The model hash covers the tensor data only, so it equals the
-    addnet hash of any file holding the same tensors; the legacy hash depends on the header too.
 
-    Above ``HASH_IN_MEMORY_LIMIT`` bytes the serialisation goes to a temporary file (in ``spill_dir``
-    when given) instead of memory; the result is the same.
+def plan_hashes(plan: SafetensorsPlan) -> tuple[str, str]:
+    """(addnet model hash, legacy hash) of the file ``plan`` describes, streaming its tensors.
+
+    Same definitions as :func:`safetensors_file_hashes`; each tensor is produced once and dropped.
     """
-    import safetensors.torch
+    model = hashlib.sha256()
+    legacy = hashlib.sha256()
+    lo, hi = LEGACY_HASH_WINDOW
 
-    ss_only = {str(k): str(v) for k, v in metadata.items() if str(k).startswith("ss_")}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    if total <= HASH_IN_MEMORY_LIMIT:
-        return _hashes_of_bytes(safetensors.torch.save(dict(tensors), ss_only))
-    fd, tmp = tempfile.mkstemp(suffix=".hash.tmp", dir=None if spill_dir is None else os.fspath(spill_dir))
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(dict(tensors), tmp, metadata=ss_only)
-        return safetensors_file_hashes(tmp)
-    finally:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
+    def window(chunk: memoryview, pos: int) -> None:
+        a, b = max(lo, pos), min(hi, pos + len(chunk))
+        if a < b:
+            legacy.update(chunk[a - pos: b - pos])
+
+    window(memoryview(plan.header), 0)
+    pos = len(plan.header)
+    for chunk in iter_data(plan):
+        model.update(chunk)
+        window(chunk, pos)
+        pos += len(chunk)
+    return model.hexdigest(), legacy.hexdigest()[:8]
+
+
+def kohya_hash_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The metadata kohya serialises when it hashes a LoRA: the ``ss_*`` keys only."""
+    return {str(k): str(v) for k, v in metadata.items() if str(k).startswith("ss_")}
+
+
+def streamed_hashes(items: Iterable[StreamItem], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """``(sshs_model_hash, sshs_legacy_hash)`` exactly as kohya's ``precalculate_safetensors_hashes``,
+    for tensors given as stream items (produced one at a time: no serialisation is held in memory).
+
+    kohya serialises the tensors with only the ``ss_*`` metadata and hashes that byte string (see
+    :func:`safetensors_file_hashes`). The model hash covers the tensor data only, so it equals the
+    addnet hash of any file holding the same tensors; the legacy hash depends on the header length.
+    """
+    return plan_hashes(plan_safetensors(items, kohya_hash_metadata(metadata)))
+
+
+def safetensors_hashes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """:func:`streamed_hashes` of an in-memory state dict."""
+    return streamed_hashes(
+        [(k, tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in tensors.items()], metadata
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 
@@ -73,6 +74,21 @@ def test_save_load_round_trip_with_metadata_and_hashes(tmp_path, gen):
                      "sshs_legacy_hash": result.sshs_legacy_hash}
     assert dict(back.metadata) == expected_meta
     assert all(isinstance(v, str) for v in back.metadata.values())
+
+
+def test_saved_hashes_are_kohyas_over_the_ss_only_serialisation(tmp_path, gen):
+    lora = _lora(gen)
+    meta = build_metadata(lora, title="hashes", method="extract", params={"rank": "4"})
+    result = save_lora(lora, tmp_path / "k.safetensors", metadata=meta)
+    tensors = safetensors.torch.load_file(result.path)
+    with open(result.path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        md = json.loads(f.read(n))["__metadata__"]
+    ss_only = {k: v for k, v in md.items() if k.startswith("ss_")}
+    data = safetensors.torch.save(tensors, ss_only)  # what kohya hashes
+    n = int.from_bytes(data[:8], "little")
+    assert result.sshs_model_hash == md["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
+    assert result.sshs_legacy_hash == md["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
 def test_fp16_save_is_close_and_smaller(tmp_path, gen):
@@ -312,6 +328,52 @@ def test_safetensors_source_reads_header_then_tensor_by_tensor(tmp_path):
             src.shape("nope")
     with pytest.raises(ValueError, match="closed"):
         src.get("a")
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(3, 5, dtype=torch.float32),
+        torch.randn(2, 3, 3, 3).to(torch.float16),
+        torch.randn(7).to(torch.bfloat16),
+        torch.arange(77, dtype=torch.int64).reshape(1, 77),
+        torch.tensor(3.5, dtype=torch.float64),
+        torch.zeros(0, 4, dtype=torch.float16),
+        torch.tensor([True, False, True]),
+    ],
+    ids=["f32", "f16-conv", "bf16", "i64", "scalar-f64", "empty", "bool"],
+)
+def test_safetensors_source_returns_exact_private_copies(tmp_path, tensor):
+    path = tmp_path / "t.safetensors"
+    safetensors.torch.save_file({"x": tensor, "pad": torch.ones(3, dtype=torch.float16)}, str(path))
+    before = path.read_bytes()
+    with SafetensorsSource(path) as src:
+        got = src.get("x")
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor)
+        if got.numel() and got.is_floating_point():
+            got.fill_(0)  # a private copy: the next read and the file are unchanged
+            assert torch.equal(src.get("x"), tensor)
+    assert path.read_bytes() == before
+
+
+def test_safetensors_source_reads_from_threads(tmp_path, gen):
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensors = {f"t{i}": torch.randn(64, 33, generator=gen) for i in range(24)}
+    path = tmp_path / "many.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    with SafetensorsSource(path) as src, ThreadPoolExecutor(4) as pool:
+        got = dict(zip(tensors, pool.map(src.get, list(tensors) * 3)))
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors)
+
+
+def test_safetensors_source_names_a_file_truncated_while_open(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    safetensors.torch.save_file({"a": torch.ones(1000), "b": torch.ones(1000)}, str(path))
+    with SafetensorsSource(path) as src:
+        os.truncate(path, os.path.getsize(path) - 2000)
+        with pytest.raises(FormatError, match="file ended early"):
+            src.get("b")
 
 
 def test_uniform_alpha_save_keeps_the_deltas(tmp_path, gen):

@@ -170,10 +170,37 @@ def test_model_hash_ignores_non_ss_metadata_but_legacy_follows_the_header(gen):
     assert a[0] == c[0] and a[1] != c[1]
 
 
-def test_spilling_to_a_file_gives_the_same_hashes(gen, tmp_path, monkeypatch):
+@pytest.mark.parametrize("meta", [None, {}, {"ss_b": "2", "zeta": "ü \"q\"\n", "ss_a": "1"}])
+def test_planned_bytes_are_what_safetensors_writes(gen, meta):
+    from rankwise.core.stream_write import iter_data, plan_safetensors
+
+    tensors = {
+        "b.lora_up.weight": torch.randn(300, 600, generator=gen).half(),
+        "a.lora_down.weight": torch.randn(600, 300, generator=gen).half(),
+        "a.alpha": torch.tensor(4.0, dtype=torch.float16),
+        "c.alpha": torch.tensor(3.3),
+        "pos": torch.arange(77).reshape(1, 77),
+        "w": torch.randn(5, 7, generator=gen).to(torch.bfloat16),
+        "flag": torch.tensor([True, False]),
+    }
+    reference = safetensors.torch.save(tensors, meta)
+    plan = plan_safetensors([(k, tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in tensors.items()], meta)
+    ours = plan.header + b"".join(bytes(c) for c in iter_data(plan))
+    n = int.from_bytes(reference[:8], "little")
+    assert len(ours) == len(reference) == plan.total_bytes and ours[:8] == reference[:8]
+    assert ours[8 + n:] == reference[8 + n:]  # data, in safetensors' order
+    ref_header, our_header = json.loads(reference[8:8 + n]), json.loads(ours[8:8 + n])
+    assert list(our_header) == list(ref_header) and our_header == ref_header
+    if meta and len(meta) > 1:  # safetensors emits a hash map in random order; we sort
+        assert list(our_header["__metadata__"]) == sorted(meta)
+    else:
+        assert ours == reference
+
+
+def test_streamed_hashes_equal_hashes_of_safetensors_bytes(gen):
     tensors = _tensors(gen, big=True)
-    meta = {"ss_network_dim": "4"}
-    in_memory = safetensors_hashes(tensors, meta)
-    monkeypatch.setattr(md, "HASH_IN_MEMORY_LIMIT", 0)
-    assert safetensors_hashes(tensors, meta, spill_dir=tmp_path) == in_memory
-    assert list(tmp_path.iterdir()) == []  # the spill file is gone
+    meta = {"ss_network_dim": "4", "ss_network_alpha": "4.0", "other": "y"}
+    data = safetensors.torch.save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    n = int.from_bytes(data[:8], "little")
+    expected = (hashlib.sha256(data[8 + n:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8])
+    assert safetensors_hashes(tensors, meta) == expected
