@@ -57,6 +57,7 @@ import torch
 from .archs import Component, KeyTable, LayerPreset, LayerSpec
 from .clip import DEFAULT_TE_THRESHOLD, EncoderDiff, text_encoder_report
 from .errors import NonFiniteError, RankwiseError
+from .memory import release_free_memory
 from .metadata import build_metadata
 from .progress import ProgressFn, report as report_progress
 from .rank import RankChoice, RankPolicy, Spectrum, select_rank
@@ -290,6 +291,7 @@ def _run(
     finally:
         if options.threads is not None:
             set_threads(old_threads)
+        release_free_memory()
 
     near_zero = sum(1 for s in outs[0].stats if s.status == "skipped")
     if near_zero:

@@ -36,6 +36,7 @@ import torch
 
 from .errors import NonFiniteError, RankwiseError
 from .metadata import build_metadata
+from .memory import release_free_memory
 from .progress import ProgressFn, report
 from .rank import RankPolicy, Spectrum, select_rank
 from .report import LayerStat, Report
@@ -261,10 +262,13 @@ def run_layers(
 
     if workers <= 1 or total <= 1:
         results = []
-        for i, name in enumerate(names):
-            results.append(call(name))
-            report(progress, i + 1, total, name)
-        return results
+        try:
+            for i, name in enumerate(names):
+                results.append(call(name))
+                report(progress, i + 1, total, name)
+            return results
+        finally:
+            release_free_memory()
     before = torch.get_num_threads()
     pool = ThreadPoolExecutor(max_workers=int(workers), initializer=torch.set_num_threads, initargs=(1,))
     try:
@@ -277,6 +281,7 @@ def run_layers(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(before)
+        release_free_memory()
 
 
 def _dim_text(ranks: Mapping[str, int]) -> str:
