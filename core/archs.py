@@ -102,6 +102,7 @@ class UNetNaming(str, enum.Enum):
 
 BASE_BLOCK = "BASE"
 MIDDLE_BLOCK = "M00"
+FIRST_UNET_BLOCK = "IN00"
 
 UNET_CHECKPOINT_PREFIX = "model.diffusion_model."
 UNET_COMFY_PREFIX = "diffusion_model."
@@ -424,13 +425,16 @@ def _unet_layers(cfg: UNetConfig) -> Iterator[_UNetLayer]:
     mc, emb, n = cfg.model_channels, cfg.time_embed_dim, cfg.num_res_blocks
     levels = len(cfg.channel_mult)
     g = LayerGroup.EMBEDDING
-    yield _UNetLayer("time_embed.0", "time_embedding.linear_1", (emb, mc), g, BASE_BLOCK)
-    yield _UNetLayer("time_embed.2", "time_embedding.linear_2", (emb, emb), g, BASE_BLOCK)
+    # Blocks of the layers outside input/middle/output blocks follow the block-merge convention
+    # ("before the input blocks" / "after the output blocks"): the time and label embeddings and
+    # conv_in are IN00, conv_out is the last OUT block. BASE stays the text encoders', as in LBW.
+    yield _UNetLayer("time_embed.0", "time_embedding.linear_1", (emb, mc), g, FIRST_UNET_BLOCK)
+    yield _UNetLayer("time_embed.2", "time_embedding.linear_2", (emb, emb), g, FIRST_UNET_BLOCK)
     if cfg.adm_in_channels is not None:
-        yield _UNetLayer("label_emb.0.0", "add_embedding.linear_1", (emb, cfg.adm_in_channels), g, BASE_BLOCK)
-        yield _UNetLayer("label_emb.0.2", "add_embedding.linear_2", (emb, emb), g, BASE_BLOCK)
+        yield _UNetLayer("label_emb.0.0", "add_embedding.linear_1", (emb, cfg.adm_in_channels), g, FIRST_UNET_BLOCK)
+        yield _UNetLayer("label_emb.0.2", "add_embedding.linear_2", (emb, emb), g, FIRST_UNET_BLOCK)
 
-    yield _UNetLayer("input_blocks.0.0", "conv_in", _conv(mc, cfg.in_channels, 3), LayerGroup.IO, "IN00")
+    yield _UNetLayer("input_blocks.0.0", "conv_in", _conv(mc, cfg.in_channels, 3), LayerGroup.IO, FIRST_UNET_BLOCK)
     chans = [mc]
     ch = mc
     index = 1
@@ -478,7 +482,7 @@ def _unet_layers(cfg: UNetConfig) -> Iterator[_UNetLayer]:
                                  LayerGroup.SAMPLER, block)
             index += 1
 
-    yield _UNetLayer("out.2", "conv_out", _conv(cfg.out_channels, mc, 3), LayerGroup.IO, BASE_BLOCK)
+    yield _UNetLayer("out.2", "conv_out", _conv(cfg.out_channels, mc, 3), LayerGroup.IO, f"OUT{index - 1:02d}")
 
 
 def _unet_specs(cfg: UNetConfig) -> Iterator[LayerSpec]:

@@ -1,7 +1,9 @@
 """Per-block weights in the LoRA Block Weight (LBW) vocabulary.
 
-Block labels are those of :attr:`archs.LayerSpec.block`: ``BASE`` (text encoders), ``IN00``…,
-``M00``, ``OUT00``…. Two text forms are accepted (:func:`parse_block_weights`):
+Block labels are those of :attr:`archs.LayerSpec.block`: ``BASE`` (text encoders only), ``IN00``…,
+``M00``, ``OUT00``…. UNet layers outside the numbered blocks follow the block-merge convention:
+the time/label embeddings go with ``conv_in`` in ``IN00``, ``conv_out`` in the last output block
+(``OUT11``; SDXL ``OUT08``). Two text forms are accepted (:func:`parse_block_weights`):
 
 * **positional**, as in hako-mikan's sd-webui-lora-block-weight: a comma-separated list whose
   length names the layout

@@ -220,7 +220,16 @@ def test_blocks_labels():
     sd1_blocks = {s.block for s in key_table(Arch.SD1)}
     assert sd1_blocks == {f"IN{i:02d}" for i in range(12)} | {"M00"} | {f"OUT{i:02d}" for i in range(12)} | {"BASE"}
     assert xl.by_kohya("lora_unet_input_blocks_0_0").block == "IN00"
-    assert xl.by_kohya("lora_unet_time_embed_0").block == "BASE"
+    # outside the numbered blocks: embeddings with conv_in ("before the input blocks"), conv_out
+    # in the last output block; BASE is the text encoders' alone (LBW's meaning)
+    assert xl.by_kohya("lora_unet_time_embed_0").block == "IN00"
+    assert xl.by_kohya("lora_unet_label_emb_0_2").block == "IN00"
+    assert xl.by_kohya("lora_unet_out_2").block == "OUT08"
+    sd1 = key_table(Arch.SD1)
+    assert sd1.by_kohya("lora_unet_conv_out").block == "OUT11"
+    assert sd1.by_kohya("lora_unet_time_embedding_linear_1").block == "IN00"
+    for table in (xl, sd1, key_table(Arch.SD2)):
+        assert all((s.block == "BASE") == s.is_text_encoder for s in table)
 
 
 # --- detection ----------------------------------------------------------------------------------
