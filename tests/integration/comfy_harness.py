@@ -76,6 +76,21 @@ def find_comfyui() -> tuple[ComfyInstall | None, str]:
     return ComfyInstall(path.resolve(), python), ""
 
 
+def populate_base_dir(base: Path, checkpoints: dict[str, Path]) -> Path:
+    """Fill a fresh ComfyUI ``--base-directory``: this repo linked into ``custom_nodes/`` under
+    :data:`PACK_FOLDER`, ``models/checkpoints/<name>`` links to the given files, empty model,
+    input, output, temp and user folders."""
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+    ckpts = base / "models" / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    for name, target in checkpoints.items():
+        (ckpts / name).symlink_to(target)
+    for sub in ("models/loras", "models/vae", "models/embeddings", "input", "output", "temp", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    return base
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

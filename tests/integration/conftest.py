@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from comfy_harness import HERE, PACK_FOLDER, REPO, TIMINGS, ComfyInstall, ComfyServer, find_comfyui  # noqa: E402
+from comfy_harness import HERE, TIMINGS, ComfyInstall, ComfyServer, find_comfyui, populate_base_dir  # noqa: E402
 from synthetic_pair import BASE_NAME, TUNED_NAME, ensure_sd15_pair  # noqa: E402
 
 
@@ -61,17 +61,7 @@ def checkpoint_pair() -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def comfy_base_dir(tmp_path_factory, checkpoint_pair) -> Path:
     base = tmp_path_factory.mktemp("comfy-base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
-    ckpts = base / "models" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    (ckpts / BASE_NAME).symlink_to(checkpoint_pair[0])
-    (ckpts / TUNED_NAME).symlink_to(checkpoint_pair[1])
-    for sub in ("loras", "vae", "embeddings"):
-        (base / "models" / sub).mkdir(parents=True, exist_ok=True)
-    for sub in ("input", "output", "temp", "user"):
-        (base / sub).mkdir(exist_ok=True)
-    return base
+    return populate_base_dir(base, {BASE_NAME: checkpoint_pair[0], TUNED_NAME: checkpoint_pair[1]})
 
 
 @pytest.fixture(scope="session")
