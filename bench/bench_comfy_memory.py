@@ -36,18 +36,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
 
+from common import MemoryPeaks  # noqa: E402
 from comfy_harness import ComfyServer, find_comfyui, populate_base_dir  # noqa: E402
 from synthetic_pair import BASE_NAME, TUNED_NAME, ensure_pair  # noqa: E402
 
@@ -68,20 +68,6 @@ class Sample:
     idle_rss: int = 0  # VmRSS of the idle server before the prompt
     end_rss: int = 0  # VmRSS when the prompt is done (what its cached outputs hold)
     end_anon: int = 0
-    samples: int = 0
-
-
-def _status(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        m = re.match(r"(VmHWM|VmRSS|RssAnon|RssFile|RssShmem):\s+(\d+) kB", line)
-        if m:
-            out[m.group(1)] = int(m.group(2)) * 1024
-    return out
 
 
 def reset_peak(pid: int) -> bool:
@@ -93,37 +79,19 @@ def reset_peak(pid: int) -> bool:
         return False
 
 
-class Poller:
-    """Polls a process's memory while a step runs; VmHWM is reset first, so ``hwm`` is this step's peak."""
-
-    def __init__(self, pid: int, period: float = 0.02) -> None:
-        self.pid, self.period = pid, period
-        self.sample = Sample(idle_rss=_status(pid).get("VmRSS", 0))
-        self.reset = reset_peak(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        s = self.sample
-        while not self._stop.is_set():
-            st = _status(self.pid)
-            if st:
-                s.rss = max(s.rss, st.get("VmRSS", 0))
-                s.anon = max(s.anon, st.get("RssAnon", 0))
-                s.file = max(s.file, st.get("RssFile", 0))
-                s.samples += 1
-            time.sleep(self.period)
-
-    def __enter__(self) -> "Poller":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        end = _status(self.pid)
-        self.sample.hwm = end.get("VmHWM", 0) if self.reset else max(self.sample.rss, end.get("VmRSS", 0))
-        self.sample.end_rss, self.sample.end_anon = end.get("VmRSS", 0), end.get("RssAnon", 0)
+def measure_step(pid: int, run):
+    """``run()`` with the memory of ``pid`` watched: VmHWM is reset first (where allowed), so the
+    Sample's ``hwm`` is this step's own peak. Returns ``(run's result, Sample)``."""
+    reset = reset_peak(pid)
+    with MemoryPeaks(pid) as mem:
+        result = run()
+    end = mem.end
+    sample = Sample(
+        hwm=end.get("VmHWM", 0) if reset else max(mem.peak["VmRSS"], end.get("VmRSS", 0)),
+        rss=mem.peak["VmRSS"], anon=mem.peak["RssAnon"], file=mem.peak["RssFile"],
+        idle_rss=mem.start.get("VmRSS", 0), end_rss=end.get("VmRSS", 0), end_anon=end.get("RssAnon", 0),
+    )
+    return result, sample
 
 
 @dataclass
@@ -212,10 +180,10 @@ def run_scenario(name: str, steps: list[tuple[str, dict]], install, pair, root: 
     try:
         time.sleep(2.0)  # let start-up allocations settle before the idle reading
         for step, prompt in steps:
-            with Poller(server.proc.pid) as poll:
-                entry = server.run_prompt(prompt, timeout=timeout, label=f"{name}/{step}")
+            entry, sample = measure_step(
+                server.proc.pid, lambda: server.run_prompt(prompt, timeout=timeout, label=f"{name}/{step}"))
             loras = sorted((base_dir / "models" / "loras").rglob("*.safetensors"))
-            out.append(Result(name, step, entry["_wall_s"], entry["_cpu_s"], poll.sample,
+            out.append(Result(name, step, entry["_wall_s"], entry["_cpu_s"], sample,
                               lora_bytes=sum(p.stat().st_size for p in loras)))
         return out
     finally:

@@ -34,7 +34,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 
 import torch
@@ -47,6 +46,10 @@ from rankwise.core.svd import SvdMethod, set_threads
 from rankwise.core.synthetic import DeltaKind, PlantedDelta, write_checkpoint_pair
 from rankwise.core.types import Arch, as_matrix
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import MemoryPeaks, proc_status  # noqa: E402
+
 DELTAS = {
     "lowrank": PlantedDelta(kind=DeltaKind.LOWRANK, rank=64, noise=0.5, scale=0.05),
     "heavy_tail": PlantedDelta(kind=DeltaKind.HEAVY_TAIL, scale=0.05),
@@ -56,38 +59,6 @@ DELTAS = {
 def cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-class MemorySampler:
-    """Peak anonymous memory (RssAnon) of this process, sampled in a daemon thread."""
-
-    def __init__(self, every: float = 0.01) -> None:
-        self.every = every
-        self.peak_anon = _status_kib("RssAnon")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_anon = max(self.peak_anon, _status_kib("RssAnon"))
-            time.sleep(self.every)
-
-    def __enter__(self) -> "MemorySampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_anon = max(self.peak_anon, _status_kib("RssAnon"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,9 +121,8 @@ def run_child(spec: dict) -> dict:
     set_threads(spec["threads"])
     import scipy.linalg  # noqa: F401  (import cost outside the timing)
 
-    anon0 = _status_kib("RssAnon")
     with open_source(base_path) as base, open_source(tuned_path) as tuned:
-        with MemorySampler() as mem:
+        with MemoryPeaks(period=0.01) as mem:
             w0, c0 = time.perf_counter(), cpu_s()
             lora, report = extract(base, tuned, opts)
             wall, cpu = time.perf_counter() - w0, cpu_s() - c0
@@ -162,9 +132,9 @@ def run_child(spec: dict) -> dict:
             "layers": len(lora),
             "wall_s": wall,
             "cpu_s": cpu,
-            "peak_rss_mib": _status_kib("VmHWM") / 1024,
-            "peak_anon_mib": mem.peak_anon / 1024,
-            "anon_before_mib": anon0 / 1024,
+            "peak_rss_mib": proc_status().get("VmHWM", 0) / 2**20,
+            "peak_anon_mib": mem.peak["RssAnon"] / 2**20,
+            "anon_before_mib": mem.start.get("RssAnon", 0) / 2**20,
             "lora_mib": lora.nbytes() / 2**20,
             "engine_median_excess": totals["median_excess"],
             "engine_max_excess": totals["max_excess"],

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: layer-shape inventories, CPU/wall timing, matrices with a known spectrum.
+"""Shared benchmark helpers: layer-shape inventories, CPU/wall timing, process memory, matrices with
+a known spectrum.
 
 The inventories are the SD1.5 / SDXL UNet layers that kohya extracts with ``--conv_dim`` (sets A+B
 of the performance notes §1: every Linear/Conv in the transformer blocks, resnets and
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import threading
 import time
 from dataclasses import dataclass
 
@@ -63,6 +66,58 @@ def load_average() -> float:
         return os.getloadavg()[0]
     except OSError:  # pragma: no cover
         return float("nan")
+
+
+# ------------------------------------------------------------------------------------------
+# process memory (Linux /proc; elsewhere every reading is 0)
+# ------------------------------------------------------------------------------------------
+
+_MEMORY_FIELD = re.compile(r"(VmHWM|VmRSS|RssAnon|RssFile|RssShmem):\s+(\d+) kB")
+
+
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmHWM, VmRSS, RssAnon, RssFile, RssShmem of ``/proc/<pid>/status`` in bytes ({} if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    return {m.group(1): int(m.group(2)) * 1024 for m in _MEMORY_FIELD.finditer(text)}
+
+
+class MemoryPeaks:
+    """``with MemoryPeaks(pid) as mem: ...`` → ``mem.start`` / ``mem.end`` (:func:`proc_status` before
+    and after) and ``mem.peak`` (highest VmRSS, RssAnon, RssFile seen), polled on a daemon thread."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+    def __init__(self, pid: int | str = "self", period: float = 0.02) -> None:
+        self.pid, self.period = pid, period
+        self.start = proc_status(pid)
+        self.end: dict[str, int] = {}
+        self.peak = {f: self.start.get(f, 0) for f in self.FIELDS}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self) -> dict[str, int]:
+        status = proc_status(self.pid)
+        for f in self.FIELDS:
+            self.peak[f] = max(self.peak[f], status.get(f, 0))
+        return status
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._poll()
+            time.sleep(self.period)
+
+    def __enter__(self) -> MemoryPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.end = self._poll()
 
 
 # ------------------------------------------------------------------------------------------

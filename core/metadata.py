@@ -155,6 +155,9 @@ def build_metadata(
 # kohya / sd-webui-additional-networks hashes
 
 
+LEGACY_HASH_WINDOW = (0x100000, 0x100000 + 0x10000)  # bytes of the file the legacy hash covers
+
+
 def safetensors_file_hashes(path: str | os.PathLike) -> tuple[str, str]:
     """(addnet model hash, addnet legacy hash) of a .safetensors file as it is on disk.
 
@@ -167,12 +170,10 @@ def safetensors_file_hashes(path: str | os.PathLike) -> tuple[str, str]:
         f.seek(8 + n)
         for chunk in iter(lambda: f.read(2**20), b""):
             model.update(chunk)
-        f.seek(0x100000)
-        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        lo, hi = LEGACY_HASH_WINDOW
+        f.seek(lo)
+        legacy = hashlib.sha256(f.read(hi - lo)).hexdigest()[:8]
     return model.hexdigest(), legacy
-
-
-LEGACY_HASH_WINDOW = (0x100000, 0x100000 + 0x10000)
 
 
 def plan_hashes(plan: SafetensorsPlan) -> tuple[str, str]:
