@@ -40,7 +40,8 @@ from .archs import Component, KeyTable, comfy_text_encoder_prefixes, detect_arch
 from .errors import MismatchError, NonFiniteError, UnsafePathError
 from .progress import ProgressFn, report
 from .io import check_output_path
-from .sources import KeyStyle, WeightSource, layer_source_key, source_dtype, source_path
+from .sources import (KeyStyle, WeightSource, layer_source_key, source_dtype, source_path, stored_key,
+                      te_key_in_layout, te_layouts)
 from .stream_write import write_safetensors_streaming
 from .types import Arch
 
@@ -245,15 +246,28 @@ def clean_checkpoint(
     repaired: dict[str, tuple[int, ...]] = {}
     notes: list[str] = []
 
+    # Every key is written under its name in the tuned file's layout (the older CLIP layout without
+    # "text_model." stays as it was); base keys of a replaced encoder follow the tuned file's layout.
+    tuned_layouts = te_layouts(tuned_source)
+
+    def written_name(src: WeightSource, key: str) -> str:
+        if src is tuned_source:
+            return stored_key(tuned_source, key)
+        for prefix, layout in tuned_layouts.items():
+            if key.startswith(prefix):
+                return te_key_in_layout(key, layout)
+        return stored_key(src, key)
+
     def add(src: WeightSource, key: str) -> None:
+        name = written_name(src, key)
         if fix_position_ids and is_position_ids_key(key):
             original = src.get(key)
             fixed, broken = repair_position_ids(original)
             if broken or original.dtype != torch.int64 or tuple(original.shape) != tuple(fixed.shape):
-                repaired[key] = broken
-            entries.append((key, tuple(fixed.shape), fixed.dtype, lambda f=fixed: f))
+                repaired[name] = broken
+            entries.append((name, tuple(fixed.shape), fixed.dtype, lambda f=fixed: f))
             return
-        entries.append((key, tuple(int(n) for n in src.shape(key)), source_dtype(src, key),
+        entries.append((name, tuple(int(n) for n in src.shape(key)), source_dtype(src, key),
                         lambda s=src, k=key: s.get(k)))
 
     for key in tuned_keys:

@@ -38,7 +38,7 @@ import enum
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
@@ -165,7 +165,10 @@ class ReadReport:
     representable (``.diff_b``, ``.dora_scale``, norms) — ignored. ``unmapped_modules``: understood
     modules missing from the architecture's key table; kohya-named ones are kept under their own
     name, others are dropped (``notes`` says which). ``densified``: LoHa/LoKr/diff layers turned into
-    :class:`~.types.DiffLayer`.
+    :class:`~.types.DiffLayer`. ``skipped_modules``: modules whose factors do not fit their layer,
+    dropped on request (``skip_bad_modules=True``; otherwise they raise). ``embeddings``: the
+    textual-inversion tokens (name, shape) a cloneofsimo file carries beside its LoRA; they are not
+    layers of the Lora (read them with :func:`~.cloneofsimo.embeddings`).
     """
 
     formats: tuple[LoraFormat, ...]
@@ -175,6 +178,13 @@ class ReadReport:
     densified: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     unsupported_keys: tuple[str, ...] = ()
+    skipped_modules: tuple[str, ...] = ()  # dropped because their factors do not fit the layer
+    embeddings: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (token, shape): textual inversion kept aside
+
+    @property
+    def skipped(self) -> int:
+        """How many modules were dropped for not fitting their layer (``skip_bad_modules``)."""
+        return len(self.skipped_modules)
 
     def summary(self) -> str:
         lines = [
@@ -185,6 +195,9 @@ class ReadReport:
             ("unsupported keys (ignored)", self.unsupported_keys),
             ("modules not in the architecture's table", self.unmapped_modules),
             ("densified to full ΔW", self.densified),
+            ("modules dropped, factors do not fit the layer", self.skipped_modules),
+            ("textual-inversion embeddings (not part of the LoRA)",
+             tuple(f"{t} {list(s)}" for t, s in self.embeddings)),
         ):
             if items:
                 lines.append(f"{label} ({len(items)}): {_sample(items)}")
@@ -517,60 +530,101 @@ class _Built:
     layer: LayerDelta
     formats: set[LoraFormat]
     densified: bool
+    factors: str = ""  # the stored tensors and their shapes, for error messages
+
+
+def _factor_shapes(mod: _Module) -> str:
+    """``lora_up (320, 4), lora_down (4, 768)``: a module's tensors (alpha left out) as stored."""
+    parts = sorted((k, tuple(int(n) for n in t.shape)) for role, (k, t) in mod.parts.items() if role is not _Role.ALPHA)
+    return ", ".join(f"{k[len(mod.name):].lstrip('._')} {shape}" for k, shape in parts)
+
+
+BAD_MODULE_HINT = "pass skip_bad_modules=True (CLI: --skip-bad-modules) to drop such modules"
+
+
+def _bad_module_error(bad: list[str], label: str | None) -> FormatError:
+    where = f" of {label}" if label else ""
+    more = f" ({len(bad) - 1} more: {_sample(bad[1:], 3)})" if len(bad) > 1 else ""
+    return MismatchError(
+        f"{len(bad)} LoRA module{'s' if len(bad) > 1 else ''} do{'' if len(bad) > 1 else 'es'} not fit "
+        f"{'their layers' if len(bad) > 1 else 'its layer'}{where}: {bad[0]}{more}; the file is damaged or "
+        f"made for another model — {BAD_MODULE_HINT}"
+    )
 
 
 def _build_layers(
-    modules: Mapping[str, _Module], metadata: Mapping[str, str] | None
-) -> tuple[list[_Built], list[str], list[str]]:
+    modules: Mapping[str, _Module], metadata: Mapping[str, str] | None, skip_bad: bool = False
+) -> tuple[list[_Built], list[str], list[str], list[str]]:
+    """(built modules, keys of incomplete modules, notes, modules dropped as bad when ``skip_bad``)."""
     built: list[_Built] = []
     incomplete: list[str] = []
     notes: list[str] = []
+    skipped: list[str] = []
     cfg = _adapter_config(metadata)
     used_cfg = False
     for mod in modules.values():
-        roles = set(mod.parts)
-        alpha = _alpha_of(mod)
-        if {_Role.UP, _Role.DOWN} <= roles:
-            up, down, mid = mod.get(_Role.UP), mod.get(_Role.DOWN), mod.get(_Role.MID)
-            rank = int(down.shape[0])
-            if alpha is None and cfg is not None and mod.formats & {LoraFormat.PEFT, LoraFormat.DIFFUSERS}:
-                alpha = _peft_alpha(cfg, mod.name, rank)
-                used_cfg = used_cfg or alpha is not None
-            if up.dim() not in (2, 4) or down.dim() not in (2, 4) or up.shape[1] != rank:
-                raise FormatError(
-                    f"{mod.name}: up {tuple(up.shape)} and down {tuple(down.shape)} are not LoRA factors "
-                    f"of one rank"
-                )
-            if up.dim() == 2 and down.dim() == 4:
-                up = up.reshape(up.shape[0], rank, 1, 1)
-            if mid is not None and (mid.dim() != 4 or down.dim() != 4):
-                raise FormatError(
-                    f"{mod.name}: lora_mid {tuple(mid.shape)} needs a 4-D conv down, got {tuple(down.shape)}"
-                )
-            try:
-                layer = LoraLayer(up=up, down=down, alpha=float(rank if alpha is None else alpha), mid=mid)
-            except ValueError as e:
-                raise FormatError(f"{mod.name}: {e}") from None
-            built.append(_Built(mod.name, layer, mod.formats, False))
-        elif _Role.DIFF in roles:
-            built.append(_Built(mod.name, DiffLayer(mod.get(_Role.DIFF).float()), mod.formats, True))
-        elif {_Role.HADA_W1A, _Role.HADA_W1B, _Role.HADA_W2A, _Role.HADA_W2B} <= roles:
-            try:
-                delta = _loha_delta(mod, alpha)
-            except RuntimeError as e:
-                raise FormatError(f"{mod.name}: LoHa tensors do not fit together ({e})") from None
-            built.append(_Built(mod.name, DiffLayer(delta), mod.formats, True))
-        elif roles & {_Role.LOKR_W1, _Role.LOKR_W1A, _Role.LOKR_W2, _Role.LOKR_W2A}:
-            try:
-                delta = _lokr_delta(mod, alpha)
-            except RuntimeError as e:
-                raise FormatError(f"{mod.name}: LoKr tensors do not fit together ({e})") from None
-            built.append(_Built(mod.name, DiffLayer(delta), mod.formats, True))
-        else:
+        try:
+            one = _build_one(mod, cfg)
+        except FormatError as e:
+            if not skip_bad or isinstance(e, NonFiniteError):
+                raise
+            skipped.append(mod.name)
+            notes.append(f"dropped {e}")
+            continue
+        if one is None:
             incomplete.extend(mod.keys())
+            continue
+        layer_built, from_cfg = one
+        used_cfg = used_cfg or from_cfg
+        built.append(layer_built)
     if used_cfg:
         notes.append("alpha taken from the file's lora_adapter_metadata (diffusers/PEFT LoraConfig)")
-    return built, incomplete, notes
+    return built, incomplete, notes, skipped
+
+
+def _build_one(mod: _Module, cfg: dict | None) -> tuple[_Built, bool] | None:
+    """One module as a layer (and whether its alpha came from the adapter config); None if incomplete."""
+    factors = _factor_shapes(mod)
+    used_cfg = False
+    roles = set(mod.parts)
+    alpha = _alpha_of(mod)
+    if {_Role.UP, _Role.DOWN} <= roles:
+        up, down, mid = mod.get(_Role.UP), mod.get(_Role.DOWN), mod.get(_Role.MID)
+        rank = int(down.shape[0]) if down.dim() else 0
+        if alpha is None and cfg is not None and mod.formats & {LoraFormat.PEFT, LoraFormat.DIFFUSERS}:
+            alpha = _peft_alpha(cfg, mod.name, rank)
+            used_cfg = alpha is not None
+        if up.dim() not in (2, 4) or down.dim() not in (2, 4) or up.shape[1] != rank:
+            raise FormatError(f"{mod.name}: {factors} are not LoRA factors of one rank")
+        if up.dim() == 2 and down.dim() == 4:
+            up = up.reshape(up.shape[0], rank, 1, 1)
+        if mid is not None and (mid.dim() != 4 or down.dim() != 4):
+            raise FormatError(f"{mod.name}: {factors}: lora_mid needs a 4-D conv down")
+        try:
+            layer = LoraLayer(up=up, down=down, alpha=float(rank if alpha is None else alpha), mid=mid)
+        except ValueError as e:
+            raise FormatError(f"{mod.name}: {factors}: {e}") from None
+        return _Built(mod.name, layer, mod.formats, False, factors), used_cfg
+    if _Role.DIFF in roles:
+        return _Built(mod.name, DiffLayer(mod.get(_Role.DIFF).float()), mod.formats, True, factors), False
+    if {_Role.HADA_W1A, _Role.HADA_W1B, _Role.HADA_W2A, _Role.HADA_W2B} <= roles:
+        try:
+            delta = _loha_delta(mod, alpha)
+        except RuntimeError as e:
+            raise FormatError(f"{mod.name}: LoHa tensors {factors} do not fit together ({_first_line(e)})") from None
+        return _Built(mod.name, DiffLayer(delta), mod.formats, True, factors), False
+    if roles & {_Role.LOKR_W1, _Role.LOKR_W1A, _Role.LOKR_W2, _Role.LOKR_W2A}:
+        try:
+            delta = _lokr_delta(mod, alpha)
+        except RuntimeError as e:
+            raise FormatError(f"{mod.name}: LoKr tensors {factors} do not fit together ({_first_line(e)})") from None
+        return _Built(mod.name, DiffLayer(delta), mod.formats, True, factors), False
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _fit_to_spec(layer: LayerDelta, shape: tuple[int, ...]) -> LayerDelta | None:
@@ -647,9 +701,10 @@ class _Mapped:
     unmapped: list[str]  # understood modules not (or not fitting) in the table
     kept: list[str]  # unmapped kohya-named modules kept under their own name
     dropped: list[str]  # unmapped foreign-named modules
-    mismatched: list[str]  # "name: file has …, arch expects …"
+    mismatched: list[str]  # "name: tensors … give ΔW …, the layer … is …"
     densified: list[str]
     notes: list[str]
+    mismatched_names: list[str] = field(default_factory=list)
 
 
 def _arch_label(table) -> str:
@@ -681,8 +736,10 @@ def _map_modules(built: list[_Built], table) -> _Mapped:
                 if layer is None:
                     out.unmapped.append(b.name)
                     out.mismatched.append(
-                        f"{b.name}: file has ΔW {tuple(b.layer.weight_shape)}, {_arch_label(table)} expects {shape}"
+                        f"{b.name}: {b.factors or 'tensors'} give ΔW {tuple(b.layer.weight_shape)}, the "
+                        f"{_arch_label(table)} layer {spec.kohya} is {shape}"
                     )
+                    out.mismatched_names.append(b.name)
                     continue
                 target = spec.kohya
                 if ambiguous:
@@ -698,16 +755,19 @@ def _map_modules(built: list[_Built], table) -> _Mapped:
     return out
 
 
-def _check_fit(mapped: _Mapped, built: list[_Built], table, explicit: bool) -> None:
-    """MismatchError when the LoRA is evidently for another architecture than ``table``'s."""
+def _check_fit(mapped: _Mapped, built: list[_Built], table, explicit: bool, skip_bad: bool = False) -> None:
+    """MismatchError when the LoRA is evidently for another architecture than ``table``'s, or when
+    a module's factors do not fit its layer and ``skip_bad`` is not set."""
     if table is None:
         return
     label = _arch_label(table)
-    if mapped.mismatched and (explicit or len(mapped.mismatched) * 2 > len(built)):
+    if mapped.mismatched and len(mapped.mismatched) * 2 > len(built):
         raise MismatchError(
             f"{len(mapped.mismatched)} LoRA layers do not fit {label}: {_sample(mapped.mismatched, 4)}. "
             "Is this LoRA for another model (SD1 / SD2 / SDXL)?"
         )
+    if mapped.mismatched and not skip_bad:
+        raise _bad_module_error(mapped.mismatched, label)
     if len(mapped.layers) == len(mapped.kept):
         raise MismatchError(
             f"none of the {len(built)} LoRA modules belong to {label} "
@@ -725,8 +785,8 @@ def _report_notes(mapped: _Mapped, table, unknown: list[str], unsupported: list[
     notes = list(mapped.notes)
     if mapped.mismatched:
         notes.append(
-            f"{len(mapped.mismatched)} modules with shapes that do not fit {label} dropped: "
-            f"{_sample(mapped.mismatched, 3)}"
+            f"{len(mapped.mismatched)} modules that do not fit their {label} layer dropped "
+            f"(skip_bad_modules): {_sample(mapped.mismatched, 3)}"
         )
     if mapped.kept:
         notes.append(
@@ -753,13 +813,6 @@ def _report_notes(mapped: _Mapped, table, unknown: list[str], unsupported: list[
 
 
 def _refuse_unreadable(keys: list[str]) -> None:
-    positional = [k for k in keys if _CLONEOFSIMO_KEY.match(k)]
-    if positional:
-        raise FormatError(
-            f"this is a cloneofsimo 'lora' file (keys like {_sample(positional, 3)}): its layers are "
-            "numbered by position in the model, not named, so they cannot be mapped safely. Convert it "
-            "with the cloneofsimo tools (e.g. to a diffusers/kohya LoRA) first."
-        )
     raise FormatError(
         f"no LoRA module recognised among {len(keys)} keys (e.g. {_sample(keys, 5)}). Rankwise reads "
         "kohya/LoCon (lora_up/lora_down/alpha), LoHa (hada_*), LoKr (lokr_*), full (.diff), "
@@ -774,6 +827,7 @@ def lora_from_state_dict(
     *,
     arch: Arch | None = None,
     table: KeyTable | None = None,
+    skip_bad_modules: bool = False,
 ) -> tuple[Lora, ReadReport]:
     """Read a LoRA state dict in any supported format into a kohya-named :class:`Lora`.
 
@@ -786,6 +840,11 @@ def lora_from_state_dict(
             other shapes, raise :class:`MismatchError`. None: detected from names and shapes
             (full-size and tiny test tables).
         table: an explicit ``core.archs.KeyTable`` (e.g. a tiny test table); overrides ``arch``.
+        skip_bad_modules: drop (and count in ``report.skipped_modules``) modules whose factors do
+            not fit together or do not fit their layer, instead of raising.
+
+    cloneofsimo ``lora`` files (``unet:N:up`` …) are numbered by position; :mod:`.cloneofsimo`
+    names them first (and keeps their textual-inversion embeddings aside, see ``report.embeddings``).
 
     Returns:
         ``(lora, report)``. Modules missing from the table are kept when kohya-named, dropped
@@ -794,13 +853,21 @@ def lora_from_state_dict(
     Raises:
         FormatError: no key is understood (the message lists sample keys), a module's tensors
             do not fit together, or foreign names cannot be mapped without an architecture.
-        MismatchError: the LoRA does not fit ``arch``/``table`` (names or shapes, listed).
+        MismatchError: the LoRA does not fit ``arch``/``table`` (names or shapes, listed), or a
+            module does not fit its layer (unless ``skip_bad_modules``).
     """
     keys = list(sd.keys())
+    clone = None
+    if _cloneofsimo().is_cloneofsimo(keys):
+        clone = _cloneofsimo().to_kohya(sd, metadata, arch=arch, table=table)
+        sd, metadata, table = clone.state_dict, clone.metadata, clone.table
+        keys = list(sd.keys())
     modules, unknown, unsupported = _group(sd)
-    built, incomplete, notes = _build_layers(modules, metadata)
+    built, incomplete, notes, skipped = _build_layers(modules, metadata, skip_bad_modules)
     unknown = unknown + incomplete
     if not built:
+        if skipped:
+            raise FormatError(f"every LoRA module was dropped as not fitting its layer: {_sample(skipped, 4)}")
         _refuse_unreadable(keys)
 
     explicit = table is not None or arch is not None
@@ -818,8 +885,12 @@ def lora_from_state_dict(
         notes.append("architecture not recognised: kohya names kept as they are, shapes not checked")
 
     mapped = _map_modules(built, table)
-    _check_fit(mapped, built, table, explicit)
+    _check_fit(mapped, built, table, explicit, skip_bad_modules)
     notes.extend(_report_notes(mapped, table, unknown, unsupported))
+    skipped.extend(mapped.mismatched_names)
+    if clone is not None:
+        mapped.formats = {LoraFormat.CLONEOFSIMO}
+        notes = list(clone.notes) + notes
     lora = Lora(
         layers=mapped.layers,
         metadata={str(k): str(v) for k, v in (metadata or {}).items()},
@@ -833,8 +904,16 @@ def lora_from_state_dict(
         densified=tuple(mapped.densified),
         notes=tuple(notes),
         unsupported_keys=tuple(unsupported),
+        skipped_modules=tuple(skipped),
+        embeddings=clone.embeddings if clone is not None else (),
     )
     return lora, report
+
+
+def _cloneofsimo():
+    from . import cloneofsimo  # lazily: it needs the key tables
+
+    return cloneofsimo
 
 
 def _finite(layer: LayerDelta) -> bool:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ import pickle
 import secrets
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -33,6 +34,14 @@ if TYPE_CHECKING:
     from .archs import KeyTable
 
 Tensor = torch.Tensor
+
+
+class InputFileError(FormatError, FileNotFoundError):
+    """An input path that is missing, a directory or not a regular file (one-line message)."""
+
+    def __str__(self) -> str:  # OSError would format (errno, strerror); keep the plain message
+        return str(self.args[0]) if self.args else ""
+
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -259,12 +268,57 @@ class SafetensorsSource:
 # reading
 
 
-def _sniff(path: str) -> str:
+class FileKind(str, enum.Enum):
+    SAFETENSORS = "safetensors"
+    PICKLE = "pickle"  # a PyTorch zip archive or a legacy pickle stream
+    UNKNOWN = "unknown"
+
+
+def sniff(path: str | os.PathLike) -> FileKind:
+    """What a file holds, by its first bytes (never by its name).
+
+    safetensors: an 8-byte little-endian header length, then ``{``; PyTorch: a zip archive (``PK``)
+    or a pickle stream (protocol opcode ``0x80``).
+    """
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
     if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "pickle"
-    return "safetensors"
+        return FileKind.PICKLE
+    if len(head) == 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= MAX_HEADER_BYTES:
+            return FileKind.SAFETENSORS
+    return FileKind.UNKNOWN
+
+
+def check_input_file(path: str | os.PathLike, what: str = "file") -> str:
+    """The path as a string; :class:`InputFileError` (one line) for a missing path or a directory."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        raise InputFileError(f"{p} is a directory, not a file; give the path of a {what}")
+    if not os.path.isfile(p):
+        if os.path.lexists(p):
+            raise InputFileError(f"{p} is not a regular file (a broken link or a device); give the path of a {what}")
+        raise InputFileError(f"no such file: {p}")
+    return p
+
+
+def file_kind(path: str) -> tuple[FileKind, tuple[str, ...]]:
+    """How to read ``path`` (content first, then its extension) and a note when the two disagree."""
+    kind = sniff(path)
+    lower = path.lower()
+    by_name = (FileKind.SAFETENSORS if lower.endswith(SAFETENSORS_SUFFIXES)
+               else FileKind.PICKLE if lower.endswith(PICKLE_SUFFIXES) else FileKind.UNKNOWN)
+    if kind is FileKind.UNKNOWN:
+        if by_name is FileKind.UNKNOWN:
+            raise FormatError(
+                f"{path}: neither a safetensors file nor a PyTorch checkpoint (its first bytes match "
+                "neither format)"
+            )
+        return by_name, ()  # let the reader of that format say what is wrong
+    if by_name is not FileKind.UNKNOWN and by_name is not kind:
+        return kind, (f"{os.path.basename(path)} is a {kind.value} file despite its extension; read by content",)
+    return kind, ()
 
 
 def _read_safetensors(path: str) -> LoadedFile:
@@ -316,18 +370,17 @@ def _read_pickle(path: str) -> LoadedFile:
 
 
 def read_state_dict(path: str | os.PathLike) -> LoadedFile:
-    """Read a state dict (see :func:`load_state_dict`), keeping notes about dropped entries."""
-    p = os.fspath(path)
-    if not os.path.isfile(p):
-        raise FileNotFoundError(f"no such file: {p}")
-    lower = p.lower()
-    if lower.endswith(SAFETENSORS_SUFFIXES):
-        kind = "safetensors"
-    elif lower.endswith(PICKLE_SUFFIXES):
-        kind = "pickle"
-    else:
-        kind = _sniff(p)
-    return _read_safetensors(p) if kind == "safetensors" else _read_pickle(p)
+    """Read a state dict (see :func:`load_state_dict`), keeping notes about dropped entries.
+
+    The format is told by content (a safetensors file named ``.ckpt`` is read as safetensors).
+    Raises :class:`InputFileError` (also a ``FileNotFoundError``) for a missing path or a directory.
+    """
+    p = check_input_file(path)
+    kind, notes = file_kind(p)
+    loaded = _read_safetensors(p) if kind is FileKind.SAFETENSORS else _read_pickle(p)
+    if notes:
+        loaded = replace(loaded, notes=notes + loaded.notes)
+    return loaded
 
 
 def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -342,24 +395,23 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
 
 
 def load_lora(
-    path: str | os.PathLike, *, arch: Arch | None = None, table: KeyTable | None = None
+    path: str | os.PathLike, *, arch: Arch | None = None, table: KeyTable | None = None,
+    skip_bad_modules: bool = False,
 ) -> tuple[Lora, ReadReport]:
-    """Read a LoRA file in any supported format (see :mod:`.formats`)."""
+    """Read a LoRA file in any supported format (see :mod:`.formats`).
+
+    ``skip_bad_modules``: drop modules whose factors do not fit their layer (counted in
+    ``report.skipped_modules``) instead of raising. The file loader's notes (format told by
+    content, ignored ``.ckpt`` entries) are appended to ``report.notes``.
+    """
     loaded = read_state_dict(path)
     try:
-        lora, report = lora_from_state_dict(loaded.tensors, loaded.metadata, arch=arch, table=table)
+        lora, report = lora_from_state_dict(loaded.tensors, loaded.metadata, arch=arch, table=table,
+                                            skip_bad_modules=skip_bad_modules)
     except FormatError as e:
-        raise FormatError(f"{loaded.path}: {e}") from None
+        raise type(e)(f"{loaded.path}: {e}") from None
     if loaded.notes:
-        report = ReadReport(
-            formats=report.formats,
-            modules=report.modules,
-            unknown_keys=report.unknown_keys,
-            unmapped_modules=report.unmapped_modules,
-            densified=report.densified,
-            notes=report.notes + loaded.notes,
-            unsupported_keys=report.unsupported_keys,
-        )
+        report = replace(report, notes=report.notes + loaded.notes)
     return lora, report
 
 

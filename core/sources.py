@@ -94,11 +94,164 @@ class StateDictSource:
         return f"StateDictSource({self.name!r}, {len(self._tensors)} tensors)"
 
 
-class FileSource:
-    """A checkpoint file: ``.safetensors`` streamed from a memory map, or a safely loaded ``.ckpt``.
+# ---------------------------------------------------------------------------------------------
+# Older text-encoder layout
+# ---------------------------------------------------------------------------------------------
 
-    ``.ckpt``/``.pt`` files are pickles; they are read with ``io.load_state_dict`` (weights only,
-    never arbitrary code) and held in memory, so they cost their full size in RAM.
+# transformers < 4.21-era SD1 checkpoints store CLIPTextModel's weights without the "text_model."
+# level: cond_stage_model.transformer.encoder.layers.0.… instead of …transformer.text_model.encoder.…
+HF_TE_CHECKPOINT_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+_LEGACY_TE_PARTS = ("encoder.", "embeddings.", "final_layer_norm.")
+_CANONICAL_TE_LEVEL = "text_model."
+
+
+class TELayoutKind(str, enum.Enum):
+    """How a checkpoint names its CLIP-L (HF) text encoder."""
+
+    CURRENT = "text_model"  # cond_stage_model.transformer.text_model.encoder.…
+    LEGACY = "legacy"  # cond_stage_model.transformer.encoder.… (no "text_model.")
+
+
+def legacy_te_aliases(keys: Iterable[str]) -> dict[str, str]:
+    """``canonical key → stored key`` for text-encoder keys stored in the older layout.
+
+    A legacy key is renamed only when its canonical name is not stored too (no key is hidden).
+    """
+    stored = set(keys)
+    out: dict[str, str] = {}
+    for key in stored:
+        for prefix in HF_TE_CHECKPOINT_PREFIXES:
+            if key.startswith(prefix) and key[len(prefix):].startswith(_LEGACY_TE_PARTS):
+                canonical = prefix + _CANONICAL_TE_LEVEL + key[len(prefix):]
+                if canonical not in stored:
+                    out[canonical] = key
+                break
+    return out
+
+
+def _layouts(keys: Iterable[str], alias: Mapping[str, str]) -> dict[str, TELayoutKind]:
+    """``prefix → layout`` of each HF text encoder among canonical ``keys`` (LEGACY when renamed)."""
+    found: dict[str, TELayoutKind] = {}
+    for key in keys:
+        for prefix in HF_TE_CHECKPOINT_PREFIXES:
+            if key.startswith(prefix + _CANONICAL_TE_LEVEL):
+                if key in alias:
+                    found[prefix] = TELayoutKind.LEGACY
+                else:
+                    found.setdefault(prefix, TELayoutKind.CURRENT)
+    return found
+
+
+def te_key_in_layout(key: str, layout: TELayoutKind) -> str:
+    """A canonical checkpoint key written in ``layout`` (LEGACY drops the ``text_model.`` level)."""
+    if TELayoutKind(layout) is TELayoutKind.LEGACY:
+        for prefix in HF_TE_CHECKPOINT_PREFIXES:
+            if key.startswith(prefix + _CANONICAL_TE_LEVEL):
+                return prefix + key[len(prefix) + len(_CANONICAL_TE_LEVEL):]
+    return key
+
+
+def te_layouts(source: WeightSource) -> dict[str, TELayoutKind]:
+    """``checkpoint prefix → layout`` of each HF text encoder present in ``source``."""
+    fn = getattr(source, "te_layouts", None)
+    if callable(fn):
+        return dict(fn())
+    return _layouts(source.keys(), {})
+
+
+def stored_key(source: WeightSource, key: str) -> str:
+    """The name ``key`` has in the file behind ``source`` (differs for the older TE layout)."""
+    fn = getattr(source, "stored_key", None)
+    return fn(key) if callable(fn) else key
+
+
+class LegacyTextEncoderView:
+    """A source whose older-layout text-encoder keys are shown under the canonical
+    ``…transformer.text_model.…`` names; :meth:`stored_key` gives back a key's stored name."""
+
+    def __init__(self, inner: WeightSource, aliases: Mapping[str, str] | None = None) -> None:
+        self._inner = inner
+        self.name = getattr(inner, "name", "source")
+        self.path = source_path(inner)
+        self.metadata: Mapping[str, str] = dict(getattr(inner, "metadata", None) or {})
+        self.notes: tuple[str, ...] = tuple(getattr(inner, "notes", ()) or ())
+        self._alias = dict(legacy_te_aliases(inner.keys()) if aliases is None else aliases)
+        hidden = set(self._alias.values())
+        self._keys = [k for k in inner.keys() if k not in hidden] + list(self._alias)
+
+    def te_layouts(self) -> dict[str, TELayoutKind]:
+        return _layouts(self._keys, self._alias)
+
+    def stored_key(self, key: str) -> str:
+        return self._alias.get(key, key)
+
+    def keys(self) -> Iterable[str]:
+        return self._keys
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._inner.shape(self.stored_key(key)))
+
+    def dtype(self, key: str) -> torch.dtype:
+        return source_dtype(self._inner, self.stored_key(key))
+
+    def get(self, key: str) -> Tensor:
+        return self._inner.get(self.stored_key(key))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._alias or (key in set(self._inner.keys()) and key not in set(self._alias.values()))
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LegacyTextEncoderView":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LegacyTextEncoderView({self._inner!r}, {len(self._alias)} renamed keys)"
+
+
+def canonical_te_keys(source: WeightSource) -> WeightSource:
+    """``source`` itself, or a :class:`LegacyTextEncoderView` when it stores the older TE layout."""
+    aliases = legacy_te_aliases(source.keys())
+    return LegacyTextEncoderView(source, aliases) if aliases else source
+
+
+def layout_notes(base: WeightSource, tuned: WeightSource) -> list[str]:
+    """Notes naming the file(s) that store a text encoder in the older layout."""
+    lb, lt = te_layouts(base), te_layouts(tuned)
+    notes: list[str] = []
+    for prefix in HF_TE_CHECKPOINT_PREFIXES:
+        b, t = lb.get(prefix), lt.get(prefix)
+        if TELayoutKind.LEGACY not in (b, t):
+            continue
+
+        def says(layout: TELayoutKind | None) -> str:
+            if layout is TELayoutKind.LEGACY:
+                return f"the older layout ({prefix}encoder.*, no 'text_model.')"
+            return f"the current layout ({prefix}text_model.*)" if layout else "no such text encoder"
+
+        if b is t:
+            notes.append(f"text encoder: base {base.name!r} and tuned {tuned.name!r} both use {says(b)}; "
+                         "read under the current names")
+        else:
+            notes.append(f"text encoder: base {base.name!r} uses {says(b)}, tuned {tuned.name!r} uses "
+                         f"{says(t)}; both read under the current names")
+    return notes
+
+
+class FileSource:
+    """A checkpoint file: ``.safetensors`` streamed tensor by tensor, or a safely loaded ``.ckpt``.
+
+    The format is told by the file's first bytes, not its name. ``.ckpt``/``.pt`` files are pickles;
+    they are read with ``io.read_state_dict`` (weights only, never arbitrary code) and held in
+    memory, so they cost their full size in RAM. A text encoder stored in the older layout (no
+    ``text_model.`` level) is shown under the canonical names (:meth:`stored_key` gives the stored
+    one). ``notes``: what the loader ignored or told by content.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -106,33 +259,49 @@ class FileSource:
 
         self.path = Path(path)
         self.name = self.path.name
-        if not self.path.is_file():
-            raise FormatError(f"checkpoint file not found: {self.path}")
+        rw_io.check_input_file(self.path, "checkpoint file")
         self._stream = None
         self._tensors: Mapping[str, Tensor] | None = None
-        if self.path.suffix.lower() in _SAFETENSORS_SUFFIXES:
+        kind, notes = rw_io.file_kind(str(self.path))
+        if kind is rw_io.FileKind.SAFETENSORS:
             self._stream = rw_io.SafetensorsSource(self.path)
             self.metadata: Mapping[str, str] = dict(getattr(self._stream, "metadata", None) or {})
         else:
-            self._tensors, meta = rw_io.load_state_dict(self.path)
-            self.metadata = dict(meta)
+            loaded = rw_io.read_state_dict(self.path)
+            self._tensors, self.metadata = loaded.tensors, dict(loaded.metadata)
+            notes = tuple(n for n in loaded.notes if n not in notes) + notes
+        self.notes: tuple[str, ...] = tuple(f"{self.name}: {n}" for n in notes)
+        stored = self._stream.keys() if self._stream is not None else self._tensors.keys()
+        self._alias = legacy_te_aliases(stored)
+        if self._alias:
+            hidden = set(self._alias.values())
+            self._keys = [k for k in stored if k not in hidden] + list(self._alias)
+        else:
+            self._keys = list(stored)
+
+    def stored_key(self, key: str) -> str:
+        return self._alias.get(key, key)
+
+    def te_layouts(self) -> dict[str, TELayoutKind]:
+        return _layouts(self._keys, self._alias)
 
     def keys(self) -> Iterable[str]:
-        if self._stream is not None:
-            return self._stream.keys()
-        return self._tensors.keys()
+        return self._keys
 
     def shape(self, key: str) -> tuple[int, ...]:
+        key = self.stored_key(key)
         if self._stream is not None:
             return tuple(int(s) for s in self._stream.shape(key))
         return tuple(int(s) for s in self._tensors[key].shape)
 
     def dtype(self, key: str) -> torch.dtype:
+        key = self.stored_key(key)
         if self._stream is not None:
             return self._stream.dtype(key)
         return self._tensors[key].dtype
 
     def get(self, key: str) -> Tensor:
+        key = self.stored_key(key)
         if self._stream is not None:
             return self._stream.get(key)
         return self._tensors[key]
@@ -345,7 +514,7 @@ def compare_pair(base: WeightSource, tuned: WeightSource, *,
             counts[2] += 1
             missing_b.append(key)
 
-    notes: list[str] = []
+    notes: list[str] = [*layout_notes(base, tuned), *getattr(base, "notes", ()), *getattr(tuned, "notes", ())]
     components: list[Component] = []
     dropped: set[Component] = set()
     for comp, (both, only_b, only_t) in present.items():
