@@ -139,6 +139,11 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="print every layer")
 
 
+def _add_skip_bad_modules(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-modules", action="store_true",
+                   help="drop (and count) LoRA modules whose factors do not fit their layer instead of failing")
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -194,7 +199,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     from .resize import resize
 
     policies = _policies(args)
-    lora, read = load_lora(args.input)
+    lora, read = load_lora(args.input, skip_bad_modules=args.skip_bad_modules)
     _print_read_report(read)
     paths = _output_paths(args.output or "dry_run.safetensors", policies)
     for policy, path in zip(policies, paths):
@@ -231,7 +236,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     inputs = []
     for spec in args.inputs:
         path, ratio = _parse_merge_input(spec)
-        lora, read = load_lora(path)
+        lora, read = load_lora(path, skip_bad_modules=args.skip_bad_modules)
         _print_read_report(read, prefix=f"{path}: ")
         inputs.append(MergeInput(lora=lora, ratio=ratio, name=os.path.basename(path)))
     mode = MergeMode.CONCAT if args.concat or (args.rank is None and args.rule is None) else MergeMode.SVD
@@ -256,6 +261,9 @@ def _print_read_report(read, prefix: str = "") -> None:
         shown = ", ".join(read.unknown_keys[:10])
         more = f" … (+{len(read.unknown_keys) - 10})" if len(read.unknown_keys) > 10 else ""
         print(f"{prefix}WARNING: {len(read.unknown_keys)} keys not understood: {shown}{more}")
+    if read.skipped_modules:
+        print(f"{prefix}WARNING: dropped {read.skipped} modules that do not fit their layer "
+              f"(--skip-bad-modules): {', '.join(read.skipped_modules[:10])}")
     for note in read.notes:
         print(f"{prefix}note: {note}")
 
@@ -264,7 +272,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .info import lora_info
     from .io import load_lora
 
-    lora, read = load_lora(args.input)
+    lora, read = load_lora(args.input, skip_bad_modules=args.skip_bad_modules)
     _print_read_report(read)
     report, image = lora_info(lora, spectrum=bool(args.spectrum))
     _emit_report(report, args)
@@ -283,6 +291,8 @@ def cmd_clean_clip(args: argparse.Namespace) -> int:
 
     base, tuned = open_source(args.base), open_source(args.tuned)
     table, pair = preflight(base, tuned)
+    for note in pair.notes:
+        print(f"note: {note}")
     diffs = text_encoder_report(base, tuned, table)
     for d in diffs:
         verdict = "DIFFERS" if d.differs else "same"
@@ -381,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rank_args(p, default_help="default 32")
     _add_output_args(p)
     p.add_argument("--strength", type=float, default=1.0, help="fold this multiplier into the weights")
+    _add_skip_bad_modules(p)
     p.set_defaults(func=cmd_resize)
 
     p = sub.add_parser("merge", help="merge LoRAs with signed ratios (PATH:RATIO …)")
@@ -388,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rank_args(p, default_help="with --rank/--rule: SVD re-compression")
     _add_output_args(p)
     p.add_argument("--concat", action="store_true", help="exact concatenation (ranks add up; the default)")
+    _add_skip_bad_modules(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("info", help="per-layer statistics of any LoRA file")
@@ -396,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", action="store_true", help="print the metadata")
     p.add_argument("--report-json", help="also write the report as JSON")
     p.add_argument("-v", "--verbose", action="store_true")
+    _add_skip_bad_modules(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("clean-clip", help="report / replace drifted text encoders, repair position_ids")

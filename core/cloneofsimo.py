@@ -231,15 +231,13 @@ def _factors(sd: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str,
     return out
 
 
-def _fits(factors: list[_Factor], specs: tuple[LayerSpec, ...]) -> int | None:
-    """Index of the first factor whose ΔW does not fit its spec (len(factors) if all fit), None if
-    the counts differ."""
+def _fits(factors: list[_Factor], specs: tuple[LayerSpec, ...]) -> tuple[int | None, int]:
+    """(index of the first factor whose ΔW does not fit its spec — len(factors) if all fit, None if
+    the counts differ —, how many fit)."""
     if len(factors) != len(specs):
-        return None
-    for k, (f, spec) in enumerate(zip(factors, specs)):
-        if f.delta_shape != tuple(spec.shape):
-            return k
-    return len(factors)
+        return None, -1
+    misfits = [k for k, (f, spec) in enumerate(zip(factors, specs)) if f.delta_shape != tuple(spec.shape)]
+    return (misfits[0] if misfits else len(factors)), len(factors) - len(misfits)
 
 
 def _candidate_tables(arch: Arch | None, table: KeyTable | None) -> list[KeyTable]:
@@ -280,25 +278,23 @@ def to_kohya(
     factors = _factors(sd, md)
     targets = {model: _targets(model, md, notes) for model in factors}
     best: tuple[KeyTable, BlockOrder] | None = None
-    closest: tuple[int, str] | None = None  # (modules that fit before the first misfit, message)
+    closest: tuple[int, str] | None = None  # (modules that fit, message on the first misfit)
     for cand in _candidate_tables(arch, table):
         for order in BlockOrder:
             ok = True
             for model, fs in factors.items():
                 specs = injection_order(cand, model, targets[model], order)
-                hit = _fits(fs, specs)
+                hit, score = _fits(fs, specs)
                 if hit == len(fs):
                     continue
                 ok = False
                 label = f"{getattr(cand.arch, 'value', cand.arch)} ({order.value})"
                 if hit is None:
                     msg = f"{label} has {len(specs)} '{model}' layers for these targets, the file {len(fs)}"
-                    score = -1
                 else:
                     f, spec = fs[hit], specs[hit]
                     msg = (f"{f.describe(model)} gives ΔW {f.delta_shape}, but layer {hit} of {label} in "
                            f"cloneofsimo's order is {spec.diffusers} {tuple(spec.shape)}")
-                    score = hit
                 if closest is None or score > closest[0]:
                     closest = (score, msg)
                 break

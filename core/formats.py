@@ -736,8 +736,8 @@ def _map_modules(built: list[_Built], table) -> _Mapped:
                 if layer is None:
                     out.unmapped.append(b.name)
                     out.mismatched.append(
-                        f"{b.name}: {b.factors or 'tensors'} give ΔW {tuple(b.layer.weight_shape)}, the "
-                        f"{_arch_label(table)} layer {spec.kohya} is {shape}"
+                        f"{b.name}: {b.factors or 'tensors'} give ΔW {tuple(b.layer.weight_shape)}, "
+                        f"{_arch_label(table)} expects {shape}" + (f" for {spec.kohya}" if spec.kohya != b.name else "")
                     )
                     out.mismatched_names.append(b.name)
                     continue

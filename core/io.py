@@ -335,14 +335,22 @@ def _unsafe_pickle(path: str, err: BaseException) -> FormatError:
     )
 
 
+def _torch_load(path: str):
+    if path.lower().endswith(SAFETENSORS_SUFFIXES):
+        # torch.load hands *.safetensors names to the safetensors library; read the bytes we sniffed
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zipfile" not in str(e).lower():
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
 def _read_pickle(path: str) -> LoadedFile:
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zipfile" not in str(e).lower():
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        obj = _torch_load(path)
     except pickle.UnpicklingError as e:
         raise _unsafe_pickle(path, e) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:

@@ -23,11 +23,14 @@ class RankwiseLoadLoRA(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Read a LoRA file from models/loras in any common format (kohya, LoCon, LoHa, LoKr, full "
-                "diff, PEFT, diffusers, ComfyUI) for resizing, merging or inspection. Keys it does not "
+                "diff, PEFT, diffusers, ComfyUI, cloneofsimo) for resizing, merging or inspection. Keys it does not "
                 "understand are listed by name in the report."
             ),
             inputs=[
                 io.Combo.Input("lora_name", options=glue.file_names("loras"), tooltip="The LoRA file (models/loras)."),
+                io.Boolean.Input("skip_bad_modules", default=False, optional=True,
+                                 tooltip="Drop (and count in the report) modules whose factors do not fit "
+                                         "their layer, instead of failing."),
             ],
             outputs=[
                 LoraSocket.Output(display_name="lora", tooltip="The LoRA, renamed to kohya module names."),
@@ -36,9 +39,9 @@ class RankwiseLoadLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, lora_name: str) -> io.NodeOutput:
+    def execute(cls, lora_name: str, skip_bad_modules: bool = False) -> io.NodeOutput:
         path = glue.full_path("loras", lora_name)
-        lora, read = load_lora(path)
+        lora, read = load_lora(path, skip_bad_modules=bool(skip_bad_modules))
         arch = lora.arch.value if lora.arch is not None else "unknown architecture"
         lines = [f"{lora_name}: {arch}, {len(lora)} layers, {lora.nbytes() / 2**20:.1f} MiB", read.summary()]
         for key in ("ss_network_dim", "ss_network_alpha", "ss_base_model_version", "modelspec.title"):
@@ -48,7 +51,7 @@ class RankwiseLoadLoRA(io.ComfyNode):
         return io.NodeOutput(lora, report, ui=ui.PreviewText(report))
 
     @classmethod
-    def fingerprint_inputs(cls, lora_name: str):
+    def fingerprint_inputs(cls, lora_name: str, skip_bad_modules: bool = False):
         """Re-read when the file changes on disk (same name, new content)."""
         try:
             st = os.stat(glue.full_path("loras", lora_name))

@@ -389,9 +389,10 @@ def test_nothing_understood_is_a_format_error_listing_keys():
         lora_from_state_dict({"model.weird.key": torch.zeros(2), "other": torch.zeros(1)})
 
 
-def test_cloneofsimo_positional_file_is_refused_with_an_explanation():
+def test_cloneofsimo_file_that_fits_no_layer_order_is_refused_with_an_explanation():
+    """Read by core.cloneofsimo (tests/test_cloneofsimo.py); one layer fits no SD1/SD2 numbering."""
     sd = {"unet:0:up": torch.zeros(4, 1), "unet:0:down": torch.zeros(1, 4)}
-    with pytest.raises(FormatError, match="cloneofsimo.*position"):
+    with pytest.raises(MismatchError, match="cloneofsimo file .* fits no SD1/SD2 layer order"):
         lora_from_state_dict(sd, {"unet": '["CrossAttention"]'})
 
 
