@@ -38,7 +38,7 @@ import enum
 import json
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
@@ -542,13 +542,14 @@ def _factor_shapes(mod: _Module) -> str:
 BAD_MODULE_HINT = "pass skip_bad_modules=True (CLI: --skip-bad-modules) to drop such modules"
 
 
-def _bad_module_error(bad: list[str], label: str | None) -> FormatError:
-    where = f" of {label}" if label else ""
-    more = f" ({len(bad) - 1} more: {_sample(bad[1:], 3)})" if len(bad) > 1 else ""
+def _bad_module_error(bad: list[str], label: str | None) -> MismatchError:
+    many = len(bad) > 1
+    where = f"{label} " if label else ""
+    more = f" ({len(bad) - 1} more: {_sample(bad[1:], 3)})" if many else ""
     return MismatchError(
-        f"{len(bad)} LoRA module{'s' if len(bad) > 1 else ''} do{'' if len(bad) > 1 else 'es'} not fit "
-        f"{'their layers' if len(bad) > 1 else 'its layer'}{where}: {bad[0]}{more}; the file is damaged or "
-        f"made for another model — {BAD_MODULE_HINT}"
+        f"{len(bad)} LoRA module{'s do' if many else ' does'} not fit {'their' if many else 'its'} {where}"
+        f"layer{'s' if many else ''}: {bad[0]}{more}; the file is damaged or made for another model — "
+        f"{BAD_MODULE_HINT}"
     )
 
 
@@ -566,7 +567,7 @@ def _build_layers(
         try:
             one = _build_one(mod, cfg)
         except FormatError as e:
-            if not skip_bad or isinstance(e, NonFiniteError):
+            if not skip_bad:
                 raise
             skipped.append(mod.name)
             notes.append(f"dropped {e}")

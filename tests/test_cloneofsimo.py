@@ -51,8 +51,9 @@ def _injector_walk(model: torch.nn.Module, targets, search=(torch.nn.Linear,)) -
 
 
 def _unet(arch: Arch, size: str):
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(**diffusers_unet_config(arch, size))
+    """The module structure only: built on the meta device (no memory, full size in a second)."""
+    with torch.device("meta"):
+        return diffusers.UNet2DConditionModel(**diffusers_unet_config(arch, size))
 
 
 def _text_encoder(arch: Arch, size: str):
@@ -62,7 +63,8 @@ def _text_encoder(arch: Arch, size: str):
         num_attention_heads=max(1, te.hidden // 8), projection_dim=te.hidden,
         vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
-    return transformers.CLIPTextModel(cfg)
+    with torch.device("meta"):
+        return transformers.CLIPTextModel(cfg)
 
 
 def _legacy_block_order(unet: torch.nn.Module) -> None:
@@ -84,7 +86,7 @@ def _ours(arch, size, model, targets, order):
 
 
 @needs_diffusers
-@pytest.mark.parametrize("size", ["tiny", pytest.param("full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("size", ["tiny", "full"])
 @pytest.mark.parametrize("arch", [Arch.SD1, Arch.SD2], ids=lambda a: a.value)
 def test_unet_order_matches_diffusers_module_walk(arch, size):
     unet = _unet(arch, size)
@@ -106,12 +108,13 @@ def test_extended_unet_targets_match_diffusers_module_walk():
 
 @needs_diffusers
 @pytest.mark.parametrize("arch", [Arch.SD1, Arch.SD2], ids=lambda a: a.value)
-def test_text_encoder_order_matches_transformers_module_walk(arch):
-    te = _text_encoder(arch, "tiny")
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_text_encoder_order_matches_transformers_module_walk(arch, size):
+    te = _text_encoder(arch, size)
     # transformers ≥ 5 dropped CLIPTextModel's "text_model." level from module paths
     theirs = [n if n.startswith("text_model.") else "text_model." + n
               for n in _injector_walk(te, cs.TE_DEFAULT_TARGETS)]
-    assert theirs == _ours(arch, "tiny", cs.TEXT_ENCODER, None, cs.BlockOrder.CURRENT)
+    assert theirs == _ours(arch, size, cs.TEXT_ENCODER, None, cs.BlockOrder.CURRENT)
     assert theirs[:4] == [f"text_model.encoder.layers.0.self_attn.{p}" for p in ("k_proj", "v_proj", "q_proj", "out_proj")]
 
 
@@ -282,3 +285,53 @@ def test_real_example_files(name, tmp_path):
     again, _ = load_lora(out)
     for key, layer in lora.layers.items():
         assert torch.allclose(again.layers[key].delta(), layer.delta().float(), atol=1e-6), key
+
+
+def test_random_positional_key_sets_give_a_rankwise_error_or_a_result():
+    """Fuzz: random cloneofsimo-like key sets, shapes and metadata never raise anything else."""
+    from rankwise.core.errors import RankwiseError
+
+    rng = torch.Generator().manual_seed(7)
+
+    def randint(n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=rng))
+
+    for _ in range(100):
+        sd, md = {}, {}
+        for _ in range(randint(6) + 1):
+            model = ["unet", "text_encoder", "vae", "unet"][randint(4)]
+            i = randint(4)
+            shape = [randint(5) for _ in range(randint(5))]
+            sd[f"{model}:{i}:{['up', 'down'][randint(2)]}"] = torch.zeros(shape)
+            if randint(3) == 0:
+                md[f"{model}:{i}:rank"] = ["1", "x", "4", ""][randint(4)]
+        if randint(2):
+            md["unet"] = ['["Attention"]', "not json", "[]", '["GEGLU", "ResnetBlock2D"]'][randint(4)]
+        if randint(3) == 0:
+            sd["<s1>"] = torch.zeros(randint(3) + 1)
+        try:
+            lora, report = lora_from_state_dict(sd, md)
+        except RankwiseError as e:
+            assert "\n" not in str(e)
+        else:
+            assert report.formats == (LoraFormat.CLONEOFSIMO,)
+
+
+def test_extended_file_with_resnet_convs_is_read(gen):
+    """``inject_trainable_lora_extended``: ResnetBlock2D convs are 4-D factors (up 1×1, down k×k)."""
+    table = key_table(Arch.SD1, "tiny")
+    sd, truth = {}, {}
+    md = {"unet": json.dumps(sorted(cs.UNET_EXTENDED_TARGETS))}
+    for i, spec in enumerate(cs.injection_order(table, cs.UNET, cs.UNET_EXTENDED_TARGETS, cs.BlockOrder.CURRENT)):
+        out_ch, rest = spec.shape[0], spec.shape[1:]
+        if len(rest) == 3:
+            up, down = torch.randn(out_ch, 2, 1, 1, generator=gen), torch.randn(2, *rest, generator=gen)
+        else:
+            up, down = torch.randn(out_ch, 2, generator=gen), torch.randn(2, *rest, generator=gen)
+        sd[f"unet:{i}:up"], sd[f"unet:{i}:down"] = up, down
+        truth[spec.kohya] = (up.flatten(1) @ down.flatten(1)).reshape(spec.shape)
+    lora, report = lora_from_state_dict(sd, md)
+    assert set(lora.layers) == set(truth)
+    assert any(len(s) == 4 for s in (tuple(t.shape) for t in truth.values()))
+    for name, delta in truth.items():
+        assert torch.allclose(lora.layers[name].delta(), delta, atol=1e-5), name
