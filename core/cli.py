@@ -262,7 +262,7 @@ def _print_read_report(read, prefix: str = "") -> None:
         more = f" … (+{len(read.unknown_keys) - 10})" if len(read.unknown_keys) > 10 else ""
         print(f"{prefix}WARNING: {len(read.unknown_keys)} keys not understood: {shown}{more}")
     if read.skipped_modules:
-        print(f"{prefix}WARNING: dropped {read.skipped} modules that do not fit their layer "
+        print(f"{prefix}WARNING: dropped {read.skipped} module(s) that do not fit their layer "
               f"(--skip-bad-modules): {', '.join(read.skipped_modules[:10])}")
     for note in read.notes:
         print(f"{prefix}note: {note}")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import FormatError, UnsafePathError
+from .errors import FormatError, MismatchError, UnsafePathError
 from .formats import ReadReport, common_alpha, lora_from_state_dict, lora_state_items
 from .metadata import streamed_hashes
 from .stream_write import plan_safetensors, write_plan
@@ -416,7 +416,7 @@ def load_lora(
     try:
         lora, report = lora_from_state_dict(loaded.tensors, loaded.metadata, arch=arch, table=table,
                                             skip_bad_modules=skip_bad_modules)
-    except FormatError as e:
+    except (FormatError, MismatchError) as e:
         raise type(e)(f"{loaded.path}: {e}") from None
     if loaded.notes:
         report = replace(report, notes=report.notes + loaded.notes)

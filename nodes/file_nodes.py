@@ -23,8 +23,8 @@ class RankwiseLoadLoRA(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Read a LoRA file from models/loras in any common format (kohya, LoCon, LoHa, LoKr, full "
-                "diff, PEFT, diffusers, ComfyUI, cloneofsimo) for resizing, merging or inspection. Keys it does not "
-                "understand are listed by name in the report."
+                "diff, PEFT, diffusers, ComfyUI, cloneofsimo) for resizing, merging or inspection. Keys it "
+                "does not understand are listed by name in the report."
             ),
             inputs=[
                 io.Combo.Input("lora_name", options=glue.file_names("loras"), tooltip="The LoRA file (models/loras)."),

@@ -204,10 +204,11 @@ def test_cli_bad_module_exit_2_then_skip(command, gen, tmp_path, capsys):
             "info": ["info", str(path)]}[command]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and name in err and "(2, 7)" in err
+    assert err.startswith(f"error: {path}: 1 LoRA module does not fit its sd1 layer: {name}: ")
+    assert "\n" not in err and "(2, 7)" in err and "--skip-bad-modules" in err
     assert main(args + ["--skip-bad-modules"]) == 0
     out = capsys.readouterr().out
-    assert f"dropped 1 modules that do not fit their layer (--skip-bad-modules): {name}" in out
+    assert f"dropped 1 module(s) that do not fit their layer (--skip-bad-modules): {name}" in out
 
 
 # ----------------------------------------------------------------------------- content, not name
