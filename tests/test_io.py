@@ -194,7 +194,7 @@ def test_atomic_write_writes_through_a_temp_name_in_the_same_directory(tmp_path)
     atomic_write(tmp_path / "out.bin", writer)
     assert (tmp_path / "out.bin").read_bytes() == b"new"
     assert os.path.dirname(seen[0]) == str(tmp_path) and seen[0].endswith(".tmp")
-    assert os.path.basename(seen[0]).startswith("out.bin.")
+    assert os.path.basename(seen[0]).startswith(".out.bin.")  # hidden: .<name>.<hex>.tmp
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
