@@ -278,10 +278,13 @@ def clean_checkpoint(
     })
     total = len(entries)
 
+    produced = [0]  # the file's tensor order is not this list's order: count calls, not indices
+
     def counted(i: int, key: str, produce: Callable[[], Tensor]) -> Callable[[], Tensor]:
         def run() -> Tensor:
             t = produce()
-            report(progress, i + 1, total, key)  # may raise to cancel: the temp file is removed
+            produced[0] += 1
+            report(progress, produced[0], total, key)  # may raise to cancel: the temp file is removed
             return t
         return run
 

@@ -533,16 +533,16 @@ def check_output(
     ``kind``, is one of ``inputs`` (same real path, symlink or hard link), is a directory, exists and
     ``overwrite`` is False, or its folder is missing, a file or not writable. Reads no file data."""
     p = os.path.abspath(os.fspath(path))
-    exts = _EXTENSIONS[OutputKind(kind)]
-    if not p.lower().endswith(exts):
-        names = " or ".join(exts)
-        raise UnsafePathError(f"{p}: {_WHAT[kind]} is saved as {names}; give a name ending in {exts[0]}")
     for inp in inputs:
         if _same_file(p, os.fspath(inp)):
             raise UnsafePathError(
                 f"{p} is one of the inputs ({os.fspath(inp)}); refusing to write over an input — "
                 "choose another name"
             )
+    exts = _EXTENSIONS[OutputKind(kind)]
+    if not p.lower().endswith(exts):
+        names = ", ".join(exts)
+        raise UnsafePathError(f"{p}: {_WHAT[kind]} is saved as {names}; give a name ending in {exts[0]}")
     directory = os.path.dirname(p)
     if not os.path.isdir(directory):
         raise UnsafePathError(f"cannot write {p}: {_missing_parent(directory)}")

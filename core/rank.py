@@ -52,7 +52,7 @@ class RankRule:
         if not math.isfinite(v):
             raise RankwiseError(f"rank rule {self.kind.value} needs a finite value, got {self.value}")
         if self.kind is RuleKind.FIXED and (v < 1 or v != int(v)):
-            raise RankwiseError(f"a fixed rank must be a whole number ≥ 1, got {self.value}")
+            raise RankwiseError(f"a fixed rank must be a whole number ≥ 1, got {self.value:g}")
         if self.kind in (RuleKind.SV_CUMULATIVE, RuleKind.SV_FRO) and not 0.0 < v <= 1.0:
             raise RankwiseError(f"{self.kind.value} takes a fraction in (0, 1], got {self.value}")
         if self.kind is RuleKind.SV_RATIO and v < 1.0:
