@@ -4,8 +4,8 @@ Used by tests/test_guard.py as ``python tests/guard_driver.py MODE ARGS…`` (no
 
 * ``slow``: the LoRA writer writes the header into the temp file and then waits (up to 60 s) before
   writing the rest, so a test can send SIGINT/SIGTERM while the temp file exists.
-* ``race``: the writer writes the whole temp file, then waits until a second run's temp file for the
-  same output exists (up to 20 s), so two runs reach the no-overwrite publish together.
+* ``race``: the writer writes the whole temp file, leaves a marker in ``$RANKWISE_RACE_DIR`` and waits
+  until a second run's marker is there (up to 20 s), so two runs reach the no-overwrite publish together.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ def main() -> int:
 
     def racing(path, plan, fsync=True):
         real_write_plan(path, plan, fsync=fsync)
-        prefix = os.path.basename(path).rsplit(".", 2)[0]  # ".<name>" of ".<name>.<hex>.tmp"
-        pattern = os.path.join(glob.escape(os.path.dirname(path)), glob.escape(prefix) + ".*.tmp")
+        ready = os.environ["RANKWISE_RACE_DIR"]  # a folder of its own: markers that stay
+        open(os.path.join(ready, f"{os.getpid()}.ready"), "w").close()
         deadline = time.monotonic() + 20
-        while len(glob.glob(pattern)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while len(glob.glob(os.path.join(glob.escape(ready), "*.ready"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     io.write_plan = {"slow": slow, "race": racing}[mode]
     from rankwise.core.cli import main as cli_main

@@ -316,13 +316,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _start(mode: str, *argv, ignore_sigint: bool = False) -> subprocess.Popen:
+def _start(mode: str, *argv, ignore_sigint: bool = False, env: dict[str, str] | None = None) -> subprocess.Popen:
     def preexec() -> None:
         if ignore_sigint:  # like a job started with '&' from a script: SIGINT inherited as ignored
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     return subprocess.Popen(
-        [sys.executable, str(DRIVER), mode, *map(str, argv)], env=_env(), stdout=subprocess.PIPE,
+        [sys.executable, str(DRIVER), mode, *map(str, argv)], env={**_env(), **(env or {})}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, preexec_fn=preexec,
     )
 
@@ -372,8 +372,10 @@ def test_two_runs_writing_the_same_output_at_once(tmp_path, lora_file):
         folder = tmp_path / f"t{trial}"
         folder.mkdir()
         out = folder / "same.safetensors"
-        procs = [_start("race", "resize", lora_file, "-o", out, "--rank", str(rank), "--no-progress")
-                 for rank in (1, 2)]
+        ready = tmp_path / f"ready{trial}"
+        ready.mkdir()
+        procs = [_start("race", "resize", lora_file, "-o", out, "--rank", str(rank), "--no-progress",
+                        env={"RANKWISE_RACE_DIR": str(ready)}) for rank in (1, 2)]
         results = [p.communicate(timeout=180) for p in procs]
         codes = [p.returncode for p in procs]
         assert sorted(codes) == [0, 2], (codes, results)
@@ -385,6 +387,7 @@ def test_two_runs_writing_the_same_output_at_once(tmp_path, lora_file):
         lora, _ = load_lora(out)
         assert set(lora.ranks().values()) == {winner_rank}  # one complete result, the winner's
         assert [p.name for p in folder.iterdir()] == ["same.safetensors"]
+        assert len(list(ready.iterdir())) == 2  # both reached the publish
 
 
 def test_python_dash_m_rankwise_is_the_cli(lora_file):
