@@ -530,6 +530,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="rankwise-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     base_path, tuned_path = out_dir / "base.safetensors", out_dir / "tuned.safetensors"
+    path16 = out_dir / "demo_r16.safetensors"
+    # the example files never replace a file of the user's in --out (unless --overwrite)
+    plan = _plan(args, [(str(base_path), OutputKind.CHECKPOINT), (str(tuned_path), OutputKind.CHECKPOINT),
+                        (str(path16), OutputKind.LORA)], [])
     t0 = time.perf_counter()
     write_checkpoint_pair(
         base_path, tuned_path, Arch.SD1, size="tiny",
@@ -549,8 +553,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n[2/4] extract with rule {policy.rule}:")
         print(report.to_table(limit=12))
     lora16, _ = results[0]
-    path16 = out_dir / "demo_r16.safetensors"
-    saved = save_lora(lora16, path16, overwrite=True, inputs=[base_path, tuned_path])
+    saved = save_lora(lora16, path16, overwrite=plan.overwrite, inputs=[base_path, tuned_path])
     print(f"\n[3/4] saved {saved.path} ({saved.bytes / 1024:.0f} KiB, kohya format)")
     loaded, read = load_lora(path16)
     small, rreport = resize(loaded, RankPolicy(RankRule.parse("8")), strength=1.0)
@@ -620,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole job on a built-in synthetic example")
     p.add_argument("--out", help="directory for the example files (default: a temp dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace example files left in --out by an earlier run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)

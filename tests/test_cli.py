@@ -127,3 +127,10 @@ def test_info_does_not_claim_to_write_layers(pair, tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "layers written" not in text and "info: " in text and " layers (" in text
+
+
+def test_demo_never_replaces_a_users_file(tmp_path, capsys):
+    (tmp_path / "base.safetensors").write_bytes(b"mine")
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "base.safetensors already exists" in capsys.readouterr().err
+    assert (tmp_path / "base.safetensors").read_bytes() == b"mine"
