@@ -5,7 +5,6 @@ under random and damaged headers."""
 from __future__ import annotations
 
 import errno
-import glob
 import json
 import os
 import signal
@@ -23,8 +22,8 @@ from hypothesis import strategies as st
 import rankwise
 from rankwise.core import io as rio
 from rankwise.core.cli import main
-from rankwise.core.errors import FormatError, OutputError, RankwiseError, UnsafePathError
-from rankwise.core.io import (OutputKind, check_output, load_lora, plan_outputs, read_safetensors_header,
+from rankwise.core.errors import FormatError, OutputError, UnsafePathError
+from rankwise.core.io import (OutputKind, load_lora, plan_outputs, read_safetensors_header,
                               save_image, save_lora, write_output, write_text_output)
 from rankwise.core.archs import key_table
 from rankwise.core.synthetic import random_lora
@@ -181,7 +180,8 @@ def test_save_image_by_extension(tmp_path):
     img = Image.new("RGBA", (8, 8), (255, 0, 0, 128))
     for ext, fmt in ((".png", "PNG"), (".jpg", "JPEG"), (".webp", "WEBP")):
         save_image(img, tmp_path / f"s{ext}")
-        assert Image.open(tmp_path / f"s{ext}").format == fmt
+        with Image.open(tmp_path / f"s{ext}") as saved:
+            assert saved.format == fmt
     with pytest.raises(UnsafePathError, match="already exists"):
         save_image(img, tmp_path / "s.png")
     assert _tmp_files(tmp_path) == []

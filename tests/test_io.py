@@ -388,3 +388,10 @@ def test_an_empty_lora_is_not_saved(tmp_path):
     with pytest.raises(FormatError, match="empty"):
         save_lora(Lora({}, arch=Arch.SD1), tmp_path / "empty.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_creates_no_folders_and_names_the_missing_one(tmp_path, gen):
+    target = tmp_path / "missing" / "a.safetensors"
+    with pytest.raises(UnsafePathError, match="the folder .*missing does not exist"):
+        save_lora(_lora(gen), target)
+    assert not (tmp_path / "missing").exists()
