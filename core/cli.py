@@ -7,35 +7,50 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
+import re
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from .errors import Cancelled, RankwiseError
+from .errors import Cancelled, RankwiseError, Terminated
+from .io import OutputKind, OutputPlan, os_reason, plan_outputs, save_image, write_text_output
 from .progress import ProgressFn
 from .rank import RankPolicy, RankRule, parse_rules
 from .report import Report
 from .types import Lora
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .archs import Component
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ----------------------------------------------------------------------------- helpers
 
+PLAIN_PROGRESS_STEP = 10  # percent between two plain progress lines (stderr not a terminal)
 
-def _progress_bar(enabled: bool) -> tuple[ProgressFn | None, Callable[[], None]]:
-    """A terminal progress bar (tqdm when present) bound to the core's ProgressFn."""
+
+def _progress_bar(
+    enabled: bool, operation: str = "progress", unit: str = "layers"
+) -> tuple[ProgressFn | None, Callable[[], None]]:
+    """A progress display bound to the core's ProgressFn: a tqdm bar on a terminal, otherwise (logs,
+    CI, ``| tee``) a plain line every 10% and at the end: ``extract: 120/1058 layers (11%) 35 s``."""
     if not enabled:
         return None, lambda: None
+    if not _is_terminal(sys.stderr):
+        return _plain_progress(operation, unit, sys.stderr)
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None, lambda: None
+        return _plain_progress(operation, unit, sys.stderr)
     bar = None
 
     def update(done: int, total: int, label: str) -> None:
@@ -43,7 +58,7 @@ def _progress_bar(enabled: bool) -> tuple[ProgressFn | None, Callable[[], None]]
         if bar is None or bar.total != total:
             if bar is not None:
                 bar.close()
-            bar = tqdm(total=total, unit="layer", dynamic_ncols=True, file=sys.stderr)
+            bar = tqdm(total=total, unit=unit.rstrip("s"), dynamic_ncols=True, file=sys.stderr)
         bar.n = done
         if label:
             bar.set_postfix_str(label[-48:], refresh=False)
@@ -52,6 +67,42 @@ def _progress_bar(enabled: bool) -> tuple[ProgressFn | None, Callable[[], None]]
     def close() -> None:
         if bar is not None:
             bar.close()
+
+    return update, close
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _plain_progress(operation: str, unit: str, stream) -> tuple[ProgressFn, Callable[[], None]]:
+    start = time.perf_counter()
+    state = {"total": -1, "next": 0, "done": 0, "printed": -1}
+
+    def line(done: int, total: int) -> None:
+        pct = 100 * done // total if total else 100
+        print(f"{operation}: {done}/{total} {unit} ({pct}%) {time.perf_counter() - start:.0f} s",
+              file=stream, flush=True)
+        state["printed"] = done
+
+    def update(done: int, total: int, label: str) -> None:
+        if total != state["total"]:
+            state.update(total=total, next=PLAIN_PROGRESS_STEP, printed=-1)
+        state["done"] = done
+        if total <= 0:
+            return
+        pct = 100 * done // total
+        if done >= total or pct >= state["next"]:
+            line(done, total)
+            state["next"] = (pct // PLAIN_PROGRESS_STEP + 1) * PLAIN_PROGRESS_STEP
+
+    def close() -> None:
+        total, done = state["total"], state["done"]
+        if total > 0 and done >= total and state["printed"] != done:
+            line(done, total)
 
     return update, close
 
@@ -87,21 +138,89 @@ def _rule_tag(rule: RankRule) -> str:
     return ("r" + str(rule)) if rule.is_fixed else str(rule).replace(":", "")
 
 
-def _emit_report(report: Report, args: argparse.Namespace, path: str | None = None) -> None:
+def _report_path(args: argparse.Namespace, path: str | None) -> str | None:
+    """Where the JSON report of one result goes (a sweep: next to each output)."""
+    if not getattr(args, "report_json", None):
+        return None
+    return args.report_json if path is None else f"{os.path.splitext(path)[0]}.report.json"
+
+
+def _check_input_file(path: str, what: str = "file") -> str:
+    """A readable input file, or a one-line error (core's check: missing, a directory, a broken link)."""
+    from .io import check_input_file
+
+    return check_input_file(path, what)
+
+
+def _check_count(value: int | None, option: str) -> None:
+    if value is not None and value < 1:
+        raise RankwiseError(f"{option} must be a whole number ≥ 1, got {value}")
+
+
+def _check_device(text: str | None) -> str | None:
+    """``--device``: cpu, cuda, cuda:N or mps, and only one this machine has."""
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise RankwiseError(f"--device {text}: unknown device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return text
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise RankwiseError(f"--device {text}: CUDA is not available ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise RankwiseError(f"--device {text}: there is no such GPU (this machine has {count})")
+        return text
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise RankwiseError(f"--device {text}: Apple MPS is not available here; use --device cpu")
+        return text
+    raise RankwiseError(f"--device {text}: not supported; use cpu, cuda, cuda:N or mps")
+
+
+def _check_run_options(args: argparse.Namespace) -> None:
+    """Options every LoRA command shares, refused before any work."""
+    _check_count(getattr(args, "threads", None), "--threads")
+    _check_count(getattr(args, "workers", None), "--workers")
+
+
+def _plan(args: argparse.Namespace, outputs: Sequence[tuple[str, OutputKind]], inputs: Sequence[str]) -> OutputPlan:
+    return plan_outputs(outputs, inputs=inputs, overwrite=bool(getattr(args, "overwrite", False)),
+                        dry_run=bool(getattr(args, "dry_run", False)))
+
+
+def _emit_report(report: Report, args: argparse.Namespace, plan: OutputPlan, target: str | None = None) -> None:
     print(report.to_table(limit=None if args.verbose else 25))
-    if getattr(args, "report_json", None):
-        target = args.report_json if path is None else f"{os.path.splitext(path)[0]}.report.json"
-        Path(target).write_text(report.to_json())
-        print(f"report written to {target}")
+    if target is None:
+        return
+    if plan.dry_run:
+        print(f"dry run: would write the report to {os.path.abspath(target)}")
+        return
+    written = write_text_output(target, report.to_json(), inputs=plan.inputs, overwrite=plan.overwrite)
+    print(f"report written to {written}")
 
 
-def _save(lora: Lora, path: str, args: argparse.Namespace, inputs: Sequence[str]) -> None:
+def _save(lora: Lora, path: str, args: argparse.Namespace, plan: OutputPlan) -> None:
     from .io import save_lora
 
-    result = save_lora(
-        lora, path, dtype=DTYPES[args.dtype], inputs=list(inputs), overwrite=args.overwrite
-    )
+    if plan.dry_run:
+        print(f"dry run: would write the LoRA to {os.path.abspath(path)}")
+        return
+    result = save_lora(lora, path, dtype=DTYPES[args.dtype], inputs=plan.inputs, overwrite=plan.overwrite)
     print(f"saved {result.path} ({result.bytes / 2**20:.1f} MiB, sha256 {result.sha256[:10]})")
+
+
+def _save_picture(image, png: str, plan: OutputPlan) -> None:
+    if plan.dry_run:
+        print(f"dry run: would write the spectrum to {os.path.abspath(png)}")
+        return
+    written = save_image(image, png, inputs=plan.inputs, overwrite=plan.overwrite)
+    print(f"spectrum written to {written}")
 
 
 def _add_rank_args(p: argparse.ArgumentParser, *, default_help: str) -> None:
@@ -154,35 +273,53 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .svd import SvdMethod
 
     policies = _policies(args)
+    _check_run_options(args)
+    device = _check_device(args.device)
+    q = args.clamp_quantile
+    if q is not None and not (0.0 < q <= 1.0):
+        raise RankwiseError(f"--clamp-quantile must be in (0, 1] (e.g. 0.99), got {q:g}")
     if not args.dry_run and not args.output:
         raise RankwiseError("-o/--output is required unless --dry-run")
+    inputs = [_check_input_file(args.base, "checkpoint file"), _check_input_file(args.tuned, "checkpoint file")]
+    paths = _output_paths(args.output or "dry_run.safetensors", policies)
+    sweep = len(paths) > 1
+    pngs = [(args.spectrum if not sweep else f"{os.path.splitext(p)[0]}.png") if args.spectrum else None
+            for p in paths]
+    reports = [_report_path(args, p if sweep else None) for p in paths]
+    outputs: list[tuple[str, OutputKind]] = []
+    for path, report_json, png in zip(paths, reports, pngs):
+        if args.output:
+            outputs.append((path, OutputKind.LORA))
+        if report_json:
+            outputs.append((report_json, OutputKind.REPORT))
+        if png:
+            outputs.append((png, OutputKind.IMAGE))
+    plan = _plan(args, outputs, inputs)  # every output checked before a tensor is read
     options = ExtractOptions(
         policy=policies[0],
         preset=LayerPreset(args.preset),
         text_encoders=TextEncoderMode(args.text_encoders),
         method=SvdMethod(args.method),
         clamp_quantile=args.clamp_quantile,
-        device=args.device,
+        device=device,
         seed=args.seed,
     )
-    progress, close = _progress_bar(not args.no_progress)
     base, tuned = open_source(args.base), open_source(args.tuned)
+    progress, close = _progress_bar(not args.no_progress, "extract")
     try:
         results = extract_sweep_detailed(base, tuned, policies, options, progress=progress)
     finally:
         close()
-    paths = _output_paths(args.output or "dry_run.safetensors", policies)
-    for result, path in zip(results, paths):
-        _emit_report(result.report, args, path if len(paths) > 1 else None)
-        if args.spectrum:
-            png = args.spectrum if len(paths) == 1 else f"{os.path.splitext(path)[0]}.png"
-            _write_spectrum(result, png)
-        if not args.dry_run:
-            _save(result.lora, path, args, inputs=[args.base, args.tuned])
+    for result, path, report_json, png in zip(results, paths, reports, pngs):
+        _emit_report(result.report, args, plan, report_json)
+        if png:
+            _write_spectrum(result, png, plan)
+        if args.output:
+            _save(result.lora, path, args, plan)
     return 0
 
 
-def _write_spectrum(result, png: str) -> None:
+def _write_spectrum(result, png: str, plan: OutputPlan) -> None:
     from .spectrum import render_spectrum, select_layers_for_plot
 
     names = [n for n in select_layers_for_plot(result.report) if n in result.spectra]
@@ -190,8 +327,10 @@ def _write_spectrum(result, png: str) -> None:
         print(f"note: no layer was decomposed; no spectrum written to {png}")
         return
     ranks = {n: result.lora.layers[n].rank for n in names if n in result.lora.layers}
-    render_spectrum({n: result.spectra[n] for n in names}, ranks).save(png)
-    print(f"spectrum written to {png}")
+    if plan.dry_run:
+        _save_picture(None, png, plan)
+        return
+    _save_picture(render_spectrum({n: result.spectra[n] for n in names}, ranks), png, plan)
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
@@ -199,32 +338,54 @@ def cmd_resize(args: argparse.Namespace) -> int:
     from .resize import resize
 
     policies = _policies(args)
+    _check_run_options(args)
+    if not args.dry_run and not args.output:
+        raise RankwiseError("-o/--output is required unless --dry-run")
+    inputs = [_check_input_file(args.input)]
+    paths = _output_paths(args.output or "dry_run.safetensors", policies)
+    sweep = len(paths) > 1
+    reports = [_report_path(args, p if sweep else None) for p in paths]
+    outputs: list[tuple[str, OutputKind]] = []
+    for path, report_json in zip(paths, reports):
+        if args.output:
+            outputs.append((path, OutputKind.LORA))
+        if report_json:
+            outputs.append((report_json, OutputKind.REPORT))
+    plan = _plan(args, outputs, inputs)
     lora, read = load_lora(args.input, skip_bad_modules=args.skip_bad_modules)
     _print_read_report(read)
-    paths = _output_paths(args.output or "dry_run.safetensors", policies)
-    for policy, path in zip(policies, paths):
-        progress, close = _progress_bar(not args.no_progress)
+    for policy, path, report_json in zip(policies, paths, reports):
+        progress, close = _progress_bar(not args.no_progress, "resize")
         try:
             out, report = resize(lora, policy, strength=args.strength, progress=progress,
                                  workers=args.workers)
         finally:
             close()
-        _emit_report(report, args, path if len(paths) > 1 else None)
-        if not args.dry_run:
-            if not args.output:
-                raise RankwiseError("-o/--output is required unless --dry-run")
-            _save(out, path, args, inputs=[args.input])
+        _emit_report(report, args, plan, report_json)
+        if args.output:
+            _save(out, path, args, plan)
     return 0
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
+
+
 def _parse_merge_input(text: str) -> tuple[str, float]:
+    """``PATH[:RATIO]``. The ratio is after the last colon (paths may hold colons of their own): it is
+    read as one when it looks like a number or when the whole text is not an existing file."""
     path, sep, ratio = text.rpartition(":")
     if not sep or not path:
         return text, 1.0
-    try:
-        return path, float(ratio)
-    except ValueError:
-        return text, 1.0
+    if not _NUMBER.fullmatch(ratio.strip()):
+        if os.path.lexists(text) or os.sep in ratio or (os.altsep and os.altsep in ratio):
+            return text, 1.0  # a path with a colon of its own
+        raise RankwiseError(f"ratio {ratio!r} of {path} is not a number (write PATH:RATIO, e.g. {path}:0.5)")
+    if os.path.lexists(text) and not os.path.lexists(path):
+        return text, 1.0  # the file really is called "x:1"
+    value = float(ratio)
+    if not math.isfinite(value):
+        raise RankwiseError(f"ratio {ratio!r} of {path} must be a finite number")
+    return path, value
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -233,24 +394,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     if args.concat and (args.rank is not None or args.rule is not None):
         raise RankwiseError("--concat keeps every rank exactly; drop --rank/--rule or --concat")
-    inputs = []
-    for spec in args.inputs:
-        path, ratio = _parse_merge_input(spec)
-        lora, read = load_lora(path, skip_bad_modules=args.skip_bad_modules)
-        _print_read_report(read, prefix=f"{path}: ")
-        inputs.append(MergeInput(lora=lora, ratio=ratio, name=os.path.basename(path)))
+    _check_run_options(args)
     mode = MergeMode.CONCAT if args.concat or (args.rank is None and args.rule is None) else MergeMode.SVD
     policy = None if mode is MergeMode.CONCAT else _policies(args)[0]
-    progress, close = _progress_bar(not args.no_progress)
+    if not args.dry_run and not args.output:
+        raise RankwiseError("-o/--output is required unless --dry-run")
+    specs = [_parse_merge_input(s) for s in args.inputs]
+    inputs = [_check_input_file(path) for path, _ in specs]
+    outputs: list[tuple[str, OutputKind]] = []
+    if args.output:
+        outputs.append((args.output, OutputKind.LORA))
+    if args.report_json:
+        outputs.append((args.report_json, OutputKind.REPORT))
+    plan = _plan(args, outputs, inputs)
+    merge_inputs = []
+    for path, ratio in specs:
+        lora, read = load_lora(path, skip_bad_modules=args.skip_bad_modules)
+        _print_read_report(read, prefix=f"{path}: ")
+        merge_inputs.append(MergeInput(lora=lora, ratio=ratio, name=os.path.basename(path)))
+    progress, close = _progress_bar(not args.no_progress, "merge")
     try:
-        out, report = merge(inputs, mode=mode, policy=policy, progress=progress, workers=args.workers)
+        out, report = merge(merge_inputs, mode=mode, policy=policy, progress=progress, workers=args.workers)
     finally:
         close()
-    _emit_report(report, args)
-    if not args.dry_run:
-        if not args.output:
-            raise RankwiseError("-o/--output is required unless --dry-run")
-        _save(out, args.output, args, inputs=[_parse_merge_input(s)[0] for s in args.inputs])
+    _emit_report(report, args, plan, args.report_json)
+    if args.output:
+        _save(out, args.output, args, plan)
     return 0
 
 
@@ -272,23 +441,55 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .info import lora_info
     from .io import load_lora
 
+    inputs = [_check_input_file(args.input)]
+    outputs: list[tuple[str, OutputKind]] = []
+    if args.report_json:
+        outputs.append((args.report_json, OutputKind.REPORT))
+    if args.spectrum:
+        outputs.append((args.spectrum, OutputKind.IMAGE))
+    plan = _plan(args, outputs, inputs)
     lora, read = load_lora(args.input, skip_bad_modules=args.skip_bad_modules)
     _print_read_report(read)
-    report, image = lora_info(lora, spectrum=bool(args.spectrum))
-    _emit_report(report, args)
+    report, image = lora_info(lora, spectrum=bool(args.spectrum) and not plan.dry_run)
+    _emit_report(report, args, plan, args.report_json)
     if args.metadata:
         print(json.dumps(dict(lora.metadata), indent=1))
-    if args.spectrum and image is not None:
-        image.save(args.spectrum)
-        print(f"spectrum written to {args.spectrum}")
+    if args.spectrum and (image is not None or plan.dry_run):
+        _save_picture(image, args.spectrum, plan)
     return 0
 
 
-def cmd_clean_clip(args: argparse.Namespace) -> int:
+def _replace_choice(text: str) -> list[Component] | str:
+    """``--replace``: ``"auto"``, ``"none"`` or a comma list of text encoders."""
     from .archs import Component
+
+    value = text.strip().lower()
+    if value in ("auto", "none"):
+        return value
+    encoders = [c for c in Component if c is not Component.UNET]
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    valid = {c.value: c for c in encoders}
+    for name in names:
+        if name not in valid:
+            raise RankwiseError(
+                f"--replace: unknown text encoder {name!r}; use auto, none or a comma list of "
+                f"{', '.join(valid)}"
+            )
+    if not names:
+        raise RankwiseError(f"--replace {text!r} names no text encoder; use auto, none or {', '.join(valid)}")
+    return [valid[n] for n in dict.fromkeys(names)]
+
+
+def cmd_clean_clip(args: argparse.Namespace) -> int:
     from .clip import clean_checkpoint, text_encoder_report
     from .sources import open_source, preflight
 
+    choice = _replace_choice(args.replace)
+    inputs = [_check_input_file(args.base, "checkpoint file"), _check_input_file(args.tuned, "checkpoint file")]
+    if not args.report_only and not args.output:
+        raise RankwiseError("-o/--output is required (or use --report-only)")
+    outputs = [] if args.report_only else [(args.output, OutputKind.CHECKPOINT)]
+    plan = _plan(args, outputs, inputs)
     base, tuned = open_source(args.base), open_source(args.tuned)
     table, pair = preflight(base, tuned)
     for note in pair.notes:
@@ -299,23 +500,23 @@ def cmd_clean_clip(args: argparse.Namespace) -> int:
         print(f"{d.component.value}: relative difference {d.relative:.3e} ({verdict})")
     if args.report_only:
         return 0
-    if not args.output:
-        raise RankwiseError("-o/--output is required (or use --report-only)")
-    if args.replace == "auto":
+    if choice == "auto":
         replace = [d.component for d in diffs if d.differs]
-    elif args.replace == "none":
+    elif choice == "none":
         replace = []
     else:
-        replace = [Component(c.strip()) for c in args.replace.split(",") if c.strip()]
-    progress, close = _progress_bar(not args.no_progress)
+        replace = list(choice)
+    progress, close = _progress_bar(not args.no_progress, "clean-clip", "tensors")
     try:
         result = clean_checkpoint(
             base, tuned, args.output, replace=replace, fix_position_ids=not args.keep_position_ids,
-            progress=progress,
+            overwrite=plan.overwrite, progress=progress,
         )
     finally:
         close()
-    print(result)
+    print(result.summary())
+    if not result.replaced:
+        print("text encoders replaced by base: none")
     return 0
 
 
@@ -333,6 +534,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="rankwise-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     base_path, tuned_path = out_dir / "base.safetensors", out_dir / "tuned.safetensors"
+    path16 = out_dir / "demo_r16.safetensors"
+    # the example files never replace a file of the user's in --out (unless --overwrite)
+    plan = _plan(args, [(str(base_path), OutputKind.CHECKPOINT), (str(tuned_path), OutputKind.CHECKPOINT),
+                        (str(path16), OutputKind.LORA)], [])
     t0 = time.perf_counter()
     write_checkpoint_pair(
         base_path, tuned_path, Arch.SD1, size="tiny",
@@ -342,7 +547,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - t0:.1f} s)")
     policies = [RankPolicy(RankRule.parse(r)) for r in ("16", "sv_fro:0.99")]
     options = ExtractOptions(policy=policies[0], preset=LayerPreset.ALL, seed=args.seed)
-    progress, close = _progress_bar(not args.no_progress)
+    progress, close = _progress_bar(not args.no_progress, "demo")
     try:
         results = extract_sweep(open_source(base_path), open_source(tuned_path), policies, options,
                                 progress=progress)
@@ -352,8 +557,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n[2/4] extract with rule {policy.rule}:")
         print(report.to_table(limit=12))
     lora16, _ = results[0]
-    path16 = out_dir / "demo_r16.safetensors"
-    saved = save_lora(lora16, path16, overwrite=True, inputs=[base_path, tuned_path])
+    saved = save_lora(lora16, path16, overwrite=plan.overwrite, inputs=[base_path, tuned_path])
     print(f"\n[3/4] saved {saved.path} ({saved.bytes / 1024:.0f} KiB, kohya format)")
     loaded, read = load_lora(path16)
     small, rreport = resize(loaded, RankPolicy(RankRule.parse("8")), strength=1.0)
@@ -407,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spectrum", help="write a singular-value spectrum PNG")
     p.add_argument("--metadata", action="store_true", help="print the metadata")
     p.add_argument("--report-json", help="also write the report as JSON")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing an existing report/picture")
+    p.add_argument("--dry-run", action="store_true", help="print the report, write nothing")
     p.add_argument("-v", "--verbose", action="store_true")
     _add_skip_bad_modules(p)
     p.set_defaults(func=cmd_info)
@@ -418,32 +624,100 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", default="auto", help="auto | none | te1,te2: encoders to take from base")
     p.add_argument("--keep-position-ids", action="store_true", help="do not repair position_ids")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing an existing output")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_clean_clip)
 
     p = sub.add_parser("demo", help="run the whole job on a built-in synthetic example")
     p.add_argument("--out", help="directory for the example files (default: a temp dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace example files left in --out by an earlier run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+class _Signals:
+    """SIGINT → KeyboardInterrupt, SIGTERM → :class:`Terminated`, raised in the main thread while the
+    command runs (installed by :func:`main` only; the library installs no handlers). SIGINT is handled
+    even when it was inherited as ignored (a job started with ``&`` from a script). A repeat within a
+    second is ignored, so a double Ctrl-C cannot cut the removal of a temp file short."""
+
+    REPEAT_S = 1.0
+
+    def __init__(self) -> None:
+        self._previous: dict[int, object] = {}
+        self._last = 0.0
+
+    def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if now - self._last < self.REPEAT_S:
+            return
+        self._last = now
+        if signum == signal.SIGTERM:
+            raise Terminated(signum)
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_Signals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):  # pragma: no cover - platform without it
+                    pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+
+def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, RankwiseError):
+        where = exc.filename if exc.filename is not None else None
+        if exc.strerror:
+            return f"{where}: {os_reason(exc)}" if where else os_reason(exc)
+    return str(exc).strip() or type(exc).__name__
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"rankwise: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _log_to_stderr() -> Callable[[], None]:
+    logger = logging.getLogger("rankwise")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    logger.addHandler(handler)
+    return lambda: logger.removeHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A user mistake or an OS error is one line ``rankwise: error: …`` on stderr and
+    exit 2; Ctrl-C exits 130 and SIGTERM 143 after the temp files are gone; only a bug gives a traceback."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    unlog = _log_to_stderr()
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("cancelled; no partial files were left", file=sys.stderr)
+        with _Signals():
+            threads = getattr(args, "threads", None)
+            if threads is not None:
+                _check_count(threads, "--threads")
+                torch.set_num_threads(threads)
+            return int(args.func(args) or 0)
+    except Terminated:
+        print("rankwise: terminated (SIGTERM); no partial files were left", file=sys.stderr)
+        return 143
+    except (KeyboardInterrupt, Cancelled):
+        print("rankwise: cancelled; no partial files were left", file=sys.stderr)
         return 130
-    except Cancelled:
-        print("cancelled; no partial files were left", file=sys.stderr)
-        return 130
-    except RankwiseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (RankwiseError, OSError) as exc:
+        print(f"rankwise: error: {_error_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        unlog()
 
 
 if __name__ == "__main__":  # pragma: no cover

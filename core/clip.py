@@ -37,12 +37,12 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from .archs import Component, KeyTable, comfy_text_encoder_prefixes, detect_arch, text_encoder_prefixes
-from .errors import MismatchError, NonFiniteError, UnsafePathError
+from .errors import MismatchError, NonFiniteError, RankwiseError
 from .progress import ProgressFn, report
-from .io import check_output_path
+from .io import OutputKind, check_output, write_output
 from .sources import (KeyStyle, WeightSource, layer_source_key, source_dtype, source_path, stored_key,
                       te_key_in_layout, te_layouts)
-from .stream_write import write_safetensors_streaming
+from .stream_write import plan_safetensors, write_plan
 from .types import Arch
 
 Tensor = torch.Tensor
@@ -222,9 +222,7 @@ def clean_checkpoint(
     """
     style = KeyStyle(key_style)
     inputs = [p for p in (source_path(base_source), source_path(tuned_source)) if p is not None]
-    out = Path(check_output_path(out_path, inputs=inputs, overwrite=overwrite))
-    if not out.parent.is_dir():
-        raise UnsafePathError(f"output folder does not exist: {out.parent}")
+    out = Path(check_output(out_path, OutputKind.CHECKPOINT, inputs=inputs, overwrite=overwrite))
 
     base_shapes = {k: tuple(base_source.shape(k)) for k in base_source.keys()}
     tuned_keys = list(tuned_source.keys())
@@ -239,7 +237,8 @@ def clean_checkpoint(
     chosen = tuple(dict.fromkeys(Component(c) for c in replace))
     for comp in chosen:
         if comp not in prefixes:
-            raise ValueError(f"{arch_t.value} has no text encoder {comp.value}; it has {[c.value for c in prefixes]}")
+            raise RankwiseError(f"{arch_t.value} has no text encoder {comp.value}; it has "
+                                f"{', '.join(c.value for c in prefixes)}")
     chosen_prefixes = tuple(prefixes[c] for c in chosen)
 
     entries: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]] = []
@@ -293,15 +292,20 @@ def clean_checkpoint(
     })
     total = len(entries)
 
+    produced = [0]  # the file's tensor order is not this list's order: count calls, not indices
+
     def counted(i: int, key: str, produce: Callable[[], Tensor]) -> Callable[[], Tensor]:
         def run() -> Tensor:
             t = produce()
-            report(progress, i + 1, total, key)  # may raise to cancel: the temp file is removed
+            produced[0] += 1
+            report(progress, produced[0], total, key)  # may raise to cancel: the temp file is removed
             return t
         return run
 
     items = [(k, shape, dt, counted(i, k, fn)) for i, (k, shape, dt, fn) in enumerate(entries)]
-    write_safetensors_streaming(out, items, meta)
+    plan = plan_safetensors(items, meta)
+    write_output(out, lambda tmp: write_plan(tmp, plan, fsync=False), kind=OutputKind.CHECKPOINT,
+                 inputs=inputs, overwrite=overwrite)
     nbytes = sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for _, shape, dt, _ in entries)
     return CleanReport(out, chosen, repaired, total, nbytes, tuple(notes))
 

@@ -29,3 +29,17 @@ class UnsafePathError(RankwiseError):
 
 class Cancelled(Exception):
     """Raised through a progress callback to stop long work; no partial output is left behind."""
+
+
+class OutputError(RankwiseError):
+    """An output could not be written: an OS error (names the path and the reason), or another process
+    created the file while this run was writing."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the command line's handler (a KeyboardInterrupt, so every
+    ``finally`` that cleans up after Ctrl-C also runs for it)."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum

@@ -4,33 +4,40 @@
   a :class:`FormatError` naming the file and the cause.
 * ``.ckpt/.pt/.pth/.bin`` are read with ``torch.load(weights_only=True)``; a pickle that needs anything
   but tensors and plain containers is refused (it could run code).
-* Writes go to ``<path>.<random>.tmp`` in the target directory, are fsync'ed and moved into place with
-  ``os.replace``; the temp file is removed in ``finally`` (errors, Ctrl-C, cancellation). A write never
-  replaces one of its inputs, nor an existing file unless asked to.
+* Every file Rankwise writes goes through the output guard (:func:`plan_outputs` before the work,
+  :func:`write_output` for the bytes): never an input (also via symlink or hard link), never an
+  existing file unless asked to, a known extension per kind; the data goes to ``.<name>.<hex>.tmp`` in
+  the target folder, is fsync'ed and published atomically (``os.link`` without overwrite, so a
+  concurrent run cannot be replaced; ``os.replace`` with it). The temp file is removed in ``finally``
+  (errors, Ctrl-C, SIGTERM, cancellation).
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import json
+import logging
 import os
 import pickle
 import secrets
 import struct
 import threading
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import FormatError, MismatchError, UnsafePathError
+from .errors import FormatError, MismatchError, OutputError, UnsafePathError
 from .formats import ReadReport, common_alpha, lora_from_state_dict, lora_state_items
 from .metadata import streamed_hashes
 from .stream_write import plan_safetensors, write_plan
 from .types import Arch, Lora
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+
     from .archs import KeyTable
 
 Tensor = torch.Tensor
@@ -91,6 +98,11 @@ class LoadedFile:
 # safetensors header
 
 
+def _is_count(value: object) -> bool:
+    """A JSON whole number ≥ 0 (not a bool, not a float)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a .safetensors header without reading tensor data.
 
@@ -117,8 +129,9 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{p}: corrupt safetensors header ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise FormatError(f"{p}: corrupt safetensors header ({reason})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{p}: corrupt safetensors header (not a JSON object)")
     meta_raw = header.pop("__metadata__", None) or {}
@@ -128,14 +141,23 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
         raise FormatError(f"{p}: corrupt safetensors metadata (must be string → string)")
     infos: dict[str, TensorInfo] = {}
     data_len = size - 8 - n
-    end_max = 0
     for key, entry in header.items():
-        try:
-            dtype = str(entry["dtype"])
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{p}: corrupt safetensors header entry for {key!r}") from None
+        if not isinstance(entry, dict):
+            raise FormatError(f"{p}: corrupt safetensors header entry for {key!r}")
+        dtype, shape_raw, offsets_raw = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if (
+            not isinstance(dtype, str)
+            or not isinstance(shape_raw, list)
+            or not all(_is_count(s) for s in shape_raw)
+            or not isinstance(offsets_raw, list)
+            or len(offsets_raw) != 2
+            or not all(_is_count(o) for o in offsets_raw)
+        ):
+            raise FormatError(f"{p}: corrupt safetensors header entry for {key!r}")
+        shape = tuple(shape_raw)
+        begin, end = offsets_raw
+        if end < begin:
+            raise FormatError(f"{p}: corrupt safetensors header: bad offsets for {key!r}")
         if dtype in _DTYPES:
             itemsize = torch.empty((), dtype=_DTYPES[dtype]).element_size()
             numel = 1
@@ -146,15 +168,23 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
                     f"{p}: corrupt safetensors header: {key!r} {dtype}{list(shape)} needs "
                     f"{numel * itemsize} bytes, offsets give {end - begin}"
                 )
-        if begin < 0 or end < begin:
-            raise FormatError(f"{p}: corrupt safetensors header: bad offsets for {key!r}")
-        end_max = max(end_max, end)
         infos[key] = TensorInfo(dtype, shape, (begin, end))
+    end_max = max((i.offsets[1] for i in infos.values()), default=0)
     if end_max > data_len:
         raise FormatError(
             f"{p}: truncated safetensors file (tensor data needs {end_max} bytes after the header, "
             f"the file has {data_len}); download or copy it again"
         )
+    cursor = 0  # as safetensors itself requires: the tensors tile the data section, no gaps or overlaps
+    for key, info in sorted(infos.items(), key=lambda kv: kv[1].offsets):
+        begin, end = info.offsets
+        if begin < cursor:
+            raise FormatError(f"{p}: corrupt safetensors header: {key!r} overlaps another tensor")
+        if begin > cursor:
+            raise FormatError(
+                f"{p}: corrupt safetensors header: {begin - cursor} bytes before {key!r} belong to no tensor"
+            )
+        cursor = end
     if end_max < data_len:
         raise FormatError(
             f"{p}: corrupt safetensors file ({data_len - end_max} bytes after the last tensor)"
@@ -292,14 +322,17 @@ def sniff(path: str | os.PathLike) -> FileKind:
 
 
 def check_input_file(path: str | os.PathLike, what: str = "file") -> str:
-    """The path as a string; :class:`InputFileError` (one line) for a missing path or a directory."""
+    """The path as a string; :class:`InputFileError` (one line) for a missing path, a directory, a broken
+    symbolic link or anything else that is not a regular file."""
     p = os.fspath(path)
+    if not os.path.lexists(p):
+        raise InputFileError(f"no such file: {p}")
     if os.path.isdir(p):
         raise InputFileError(f"{p} is a directory, not a file; give the path of a {what}")
+    if not os.path.exists(p):
+        raise InputFileError(f"{p} is a broken symbolic link (it points to {os.readlink(p)})")
     if not os.path.isfile(p):
-        if os.path.lexists(p):
-            raise InputFileError(f"{p} is not a regular file (a broken link or a device); give the path of a {what}")
-        raise InputFileError(f"no such file: {p}")
+        raise InputFileError(f"{p} is not a regular file (a device or a pipe?); give the path of a {what}")
     return p
 
 
@@ -413,6 +446,8 @@ def load_lora(
     content, ignored ``.ckpt`` entries) are appended to ``report.notes``.
     """
     loaded = read_state_dict(path)
+    if not loaded.tensors:
+        raise FormatError(f"{loaded.path}: the file holds no tensors, so no LoRA (an empty or placeholder file?)")
     try:
         lora, report = lora_from_state_dict(loaded.tensors, loaded.metadata, arch=arch, table=table,
                                             skip_bad_modules=skip_bad_modules)
@@ -450,59 +485,317 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write ``path`` atomically: ``write(tmp)`` fills ``<path>.<random>.tmp`` in the same directory,
-    which is fsync'ed and moved over ``path`` with ``os.replace``. The temp file is removed whatever
-    happens (exceptions, KeyboardInterrupt, :class:`~.errors.Cancelled`)."""
-    target = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(target)
-    tmp = f"{target}.{secrets.token_hex(6)}.tmp"
+# --------------------------------------------------------------------------------------------
+# the output guard: every file Rankwise writes (LoRA, cleaned checkpoint, report, picture) goes
+# through check_output/plan_outputs (before any work) and write_output (temp file + atomic publish)
+
+_log = logging.getLogger("rankwise")
+
+
+class OutputKind(str, enum.Enum):
+    """What an output file holds; decides the extensions it may have."""
+
+    LORA = "lora"
+    CHECKPOINT = "checkpoint"
+    REPORT = "report"
+    IMAGE = "image"
+
+
+_EXTENSIONS: Mapping[OutputKind, tuple[str, ...]] = {
+    OutputKind.LORA: (".safetensors",),
+    OutputKind.CHECKPOINT: (".safetensors",),
+    OutputKind.REPORT: (".json",),
+    OutputKind.IMAGE: (".png", ".jpg", ".jpeg", ".webp"),
+}
+_WHAT: Mapping[OutputKind, str] = {
+    OutputKind.LORA: "a LoRA",
+    OutputKind.CHECKPOINT: "a checkpoint",
+    OutputKind.REPORT: "a report",
+    OutputKind.IMAGE: "a picture",
+}
+IMAGE_FORMATS: Mapping[str, str] = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+# os.link fails with one of these where the filesystem has no hard links (FAT/exFAT, some FUSE/SMB)
+_NO_HARD_LINKS = frozenset(
+    getattr(errno, name) for name in ("EPERM", "EOPNOTSUPP", "ENOTSUP", "ENOSYS", "EMLINK", "EXDEV")
+    if hasattr(errno, name)
+)
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    path: str  # absolute
+    kind: OutputKind
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Every file one run will write, checked before the run reads a tensor (see :func:`plan_outputs`)."""
+
+    outputs: tuple[PlannedOutput, ...]
+    inputs: tuple[str, ...] = ()
+    overwrite: bool = False
+    dry_run: bool = False
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(o.path for o in self.outputs)
+
+    def describe(self) -> list[str]:
+        """``would write <kind> <path>`` lines (what a dry run prints)."""
+        return [f"would write {o.kind.value} {o.path}" for o in self.outputs]
+
+
+def _identity(path: str) -> tuple[int, int] | None:
     try:
-        write(tmp)
-        if not os.path.isfile(tmp):
-            raise FormatError(f"writing {target}: the writer produced no file")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-        _fsync_dir(directory)
-    finally:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _same_file(a: str, b: str) -> bool:
+    """The same file by real path (symlinks) or by device and inode (hard links)."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+    ia, ib = _identity(a), _identity(b)
+    return ia is not None and ia == ib
 
 
-def check_output_path(
-    path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (), overwrite: bool = False
+def os_reason(exc: OSError) -> str:
+    """``"No space left on device (ENOSPC)"``: the OS reason of an error, in one line."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    code = errno.errorcode.get(exc.errno or -1)
+    return f"{text} ({code})" if code else text
+
+
+def _missing_parent(directory: str) -> str:
+    """Why ``directory`` cannot hold a new file: the first part of it that is missing or is a file."""
+    probe = directory
+    while probe and not os.path.lexists(probe):
+        up = os.path.dirname(probe)
+        if up == probe:
+            break
+        probe = up
+    if probe != directory and os.path.lexists(probe) and not os.path.isdir(probe):
+        return f"{probe} is a file, not a folder"
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        return f"{directory} is a file, not a folder"
+    return f"the folder {directory} does not exist"
+
+
+def check_output(
+    path: str | os.PathLike,
+    kind: OutputKind = OutputKind.LORA,
+    *,
+    inputs: Sequence[str | os.PathLike] = (),
+    overwrite: bool = False,
 ) -> str:
-    """The absolute output path, or :class:`UnsafePathError` when it is not a ``.safetensors`` name,
-    is one of ``inputs`` (same real path or same file), or exists and ``overwrite`` is False."""
+    """The absolute output path, or :class:`UnsafePathError` when the name has the wrong extension for
+    ``kind``, is one of ``inputs`` (same real path, symlink or hard link), is a directory, exists and
+    ``overwrite`` is False, or its folder is missing, a file or not writable. Reads no file data."""
     p = os.path.abspath(os.fspath(path))
-    if not p.lower().endswith(".safetensors"):
-        raise UnsafePathError(f"{p}: a LoRA is saved as .safetensors; give a name ending in .safetensors")
     for inp in inputs:
         if _same_file(p, os.fspath(inp)):
             raise UnsafePathError(
                 f"{p} is one of the inputs ({os.fspath(inp)}); refusing to write over an input — "
                 "choose another name"
             )
+    exts = _EXTENSIONS[OutputKind(kind)]
+    if not p.lower().endswith(exts):
+        names = ", ".join(exts)
+        raise UnsafePathError(f"{p}: {_WHAT[kind]} is saved as {names}; give a name ending in {exts[0]}")
+    directory = os.path.dirname(p)
+    if not os.path.isdir(directory):
+        raise UnsafePathError(f"cannot write {p}: {_missing_parent(directory)}")
     if os.path.isdir(p):
-        raise UnsafePathError(f"{p} is a directory")
+        raise UnsafePathError(f"{p} is a directory, not a file name")
     if os.path.lexists(p) and not overwrite:
-        raise UnsafePathError(f"{p} already exists; choose another name or allow overwriting")
+        raise UnsafePathError(f"{p} already exists; choose another name or allow overwriting (--overwrite)")
+    if not os.access(directory, os.W_OK):
+        raise UnsafePathError(f"cannot write {p}: the folder {directory} is not writable")
     return p
+
+
+def check_output_path(
+    path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (), overwrite: bool = False
+) -> str:
+    """:func:`check_output` for a ``.safetensors`` file (LoRA or checkpoint)."""
+    return check_output(path, OutputKind.LORA, inputs=inputs, overwrite=overwrite)
+
+
+def plan_outputs(
+    outputs: Iterable[tuple[str | os.PathLike, OutputKind]],
+    *,
+    inputs: Sequence[str | os.PathLike] = (),
+    overwrite: bool = False,
+    dry_run: bool = False,
+) -> OutputPlan:
+    """Check every output of a run before it starts (:func:`check_output` for each, and no two the same
+    file); call it before reading any tensor so a bad name fails at once. Raises :class:`UnsafePathError`."""
+    planned: list[PlannedOutput] = []
+    for path, kind in outputs:
+        p = check_output(path, OutputKind(kind), inputs=inputs, overwrite=overwrite)
+        for other in planned:
+            if os.path.realpath(other.path) == os.path.realpath(p):
+                raise UnsafePathError(
+                    f"{p} would be written twice by this run (as {other.kind.value} and as {OutputKind(kind).value}); "
+                    "give each output its own name"
+                )
+        planned.append(PlannedOutput(p, OutputKind(kind)))
+    return OutputPlan(tuple(planned), tuple(os.fspath(i) for i in inputs), overwrite, dry_run)
+
+
+def _remove_quietly(path: str) -> None:
+    """Remove a temp file; a failure (read-only filesystem…) is one logged line, never a second exception."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        _log.warning("could not remove the temp file %s: %s", path, os_reason(e))
+
+
+def _create_temp(target: str) -> str:
+    """A new empty ``.<name>.<hex>.tmp`` next to ``target`` (O_EXCL: never someone else's file)."""
+    directory, name = os.path.split(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+        os.close(fd)
+        return tmp
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _race_error(target: str) -> OutputError:
+    return OutputError(
+        f"{target} was created by another process while this run was writing; nothing was replaced"
+    )
+
+
+def _publish(tmp: str, target: str, overwrite: bool) -> None:
+    """Move the finished temp file to ``target``. Without ``overwrite`` this never replaces a file,
+    even one created a moment ago by a concurrent run: ``os.link`` fails if the name exists."""
+    if overwrite:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise _race_error(target) from None
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        # No hard links here (FAT/exFAT, some network or FUSE mounts): claim the name first with an
+        # empty placeholder created with O_EXCL — only one process can create it, so a concurrent run
+        # fails here just as it would at os.link — then os.replace our temp file over our own
+        # placeholder. Readers may see an empty file for a moment, but no run's result can replace
+        # another's, and a failed replace removes the placeholder again.
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            raise _race_error(target) from None
+        os.close(fd)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            _remove_quietly(target)
+            raise
+        return
+    _remove_quietly(tmp)  # the file now lives at target
+
+
+def _write_atomically(target: str, write: Callable[[str], None], *, overwrite: bool, fsync: bool) -> None:
+    tmp: str | None = None
+    try:
+        try:
+            tmp = _create_temp(target)
+            write(tmp)
+            if not os.path.isfile(tmp):
+                raise OutputError(f"writing {target}: the writer produced no file")
+            if fsync:
+                _fsync_file(tmp)
+            _publish(tmp, target, overwrite)
+            _fsync_dir(os.path.dirname(target))
+        except OSError as e:
+            raise OutputError(f"cannot write {target}: {os_reason(e)}") from None
+    finally:
+        if tmp is not None:
+            _remove_quietly(tmp)
+
+
+def write_output(
+    path: str | os.PathLike,
+    write: Callable[[str], None],
+    *,
+    kind: OutputKind = OutputKind.LORA,
+    inputs: Sequence[str | os.PathLike] = (),
+    overwrite: bool = False,
+    fsync: bool = True,
+) -> str:
+    """Write one output file safely and return its absolute path.
+
+    The path is checked (:func:`check_output`), then ``write(tmp)`` fills a temp file
+    ``.<name>.<hex>.tmp`` created with O_EXCL in the target folder; it is fsync'ed and published:
+    without ``overwrite`` by ``os.link`` (a file that appeared meanwhile is never replaced:
+    :class:`OutputError`), with it by ``os.replace``. The temp file is removed whatever happens
+    (exceptions, KeyboardInterrupt, SIGTERM raised as :class:`~.errors.Terminated`,
+    :class:`~.errors.Cancelled`). Every OS error is an :class:`OutputError` naming the path and the reason.
+    """
+    target = check_output(path, kind, inputs=inputs, overwrite=overwrite)
+    _write_atomically(target, write, overwrite=overwrite, fsync=fsync)
+    return target
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = True) -> None:
+    """Low-level :func:`write_output` without the name checks (any extension; replaces by default)."""
+    _write_atomically(os.path.abspath(os.fspath(path)), write, overwrite=overwrite, fsync=True)
+
+
+def write_text_output(
+    path: str | os.PathLike,
+    text: str,
+    *,
+    kind: OutputKind = OutputKind.REPORT,
+    inputs: Sequence[str | os.PathLike] = (),
+    overwrite: bool = False,
+) -> str:
+    """Write a text file (a JSON report) through the guard."""
+    data = text.encode("utf-8")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return write_output(path, write, kind=kind, inputs=inputs, overwrite=overwrite)
+
+
+def save_image(
+    image: "Image",
+    path: str | os.PathLike,
+    *,
+    inputs: Sequence[str | os.PathLike] = (),
+    overwrite: bool = False,
+) -> str:
+    """Save a PIL image as .png/.jpg/.webp (by the name) through the guard."""
+    fmt = IMAGE_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower())
+    picture = image
+    if fmt == "JPEG" and image.mode not in ("RGB", "L"):
+        picture = image.convert("RGB")
+    return write_output(
+        path, lambda tmp: picture.save(tmp, format=fmt), kind=OutputKind.IMAGE, inputs=inputs, overwrite=overwrite
+    )
 
 
 @dataclass(frozen=True)
@@ -551,15 +844,14 @@ def save_lora(
     header_size = sum(len(k) + len(v) for k, v in md.items())
     if header_size > MAX_HEADER_BYTES // 2:
         raise FormatError(f"{target}: metadata of {header_size} bytes is too large for a safetensors header")
-    directory = os.path.dirname(target)
-    os.makedirs(directory, exist_ok=True)
     # Two streaming passes (hash, then write): each tensor is cast when needed and dropped, so
     # saving costs one tensor of memory beyond the LoRA itself.
     model_hash, legacy_hash = streamed_hashes(items, md)
     md["sshs_model_hash"] = model_hash
     md["sshs_legacy_hash"] = legacy_hash
     plan = plan_safetensors(items, md)
-    atomic_write(target, lambda tmp: write_plan(tmp, plan, fsync=False))
+    write_output(target, lambda tmp: write_plan(tmp, plan, fsync=False), kind=OutputKind.LORA,
+                 inputs=inputs, overwrite=overwrite)
     return SaveResult(
         path=target,
         bytes=os.path.getsize(target),

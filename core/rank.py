@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import RankwiseError
 from .types import LayerKind
 
 
@@ -49,18 +50,18 @@ class RankRule:
     def __post_init__(self) -> None:
         v = float(self.value)
         if not math.isfinite(v):
-            raise ValueError(f"rank rule {self.kind.value} needs a finite value, got {self.value}")
+            raise RankwiseError(f"rank rule {self.kind.value} needs a finite value, got {self.value}")
         if self.kind is RuleKind.FIXED and (v < 1 or v != int(v)):
-            raise ValueError(f"a fixed rank must be a whole number ≥ 1, got {self.value}")
+            raise RankwiseError(f"a fixed rank must be a whole number ≥ 1, got {self.value:g}")
         if self.kind in (RuleKind.SV_CUMULATIVE, RuleKind.SV_FRO) and not 0.0 < v <= 1.0:
-            raise ValueError(f"{self.kind.value} takes a fraction in (0, 1], got {self.value}")
+            raise RankwiseError(f"{self.kind.value} takes a fraction in (0, 1], got {self.value}")
         if self.kind is RuleKind.SV_RATIO and v < 1.0:
-            raise ValueError(
+            raise RankwiseError(
                 f"sv_ratio keeps σ > σ₁/ρ and needs ρ ≥ 1, got {self.value} "
                 f"(LyCORIS' ratio p corresponds to sv_ratio {1 / v if v > 0 else 'inf'})"
             )
         if self.kind is RuleKind.THRESHOLD and v < 0:
-            raise ValueError(f"threshold must be ≥ 0, got {self.value}")
+            raise RankwiseError(f"threshold must be ≥ 0, got {self.value}")
 
     @property
     def is_fixed(self) -> bool:
@@ -71,7 +72,7 @@ class RankRule:
         """``"32"`` → fixed 32; ``"sv_fro:0.9"``, ``"sv_ratio=20"``, ``"fixed:16"``…"""
         s = str(text).strip().lower()
         if not s:
-            raise ValueError("empty rank rule")
+            raise RankwiseError("empty rank rule")
         for sep in (":", "="):
             if sep in s:
                 name, _, val = s.partition(sep)
@@ -82,11 +83,11 @@ class RankRule:
             kind = RuleKind(name.strip())
         except ValueError:
             names = ", ".join(k.value for k in RuleKind)
-            raise ValueError(f"unknown rank rule {name!r}; use one of: {names}") from None
+            raise RankwiseError(f"unknown rank rule {name!r}; use one of: {names}") from None
         try:
             value = float(val)
         except ValueError:
-            raise ValueError(f"rank rule {text!r}: {val!r} is not a number") from None
+            raise RankwiseError(f"rank rule {text!r}: {val!r} is not a number") from None
         return RankRule(kind, value)
 
     def __str__(self) -> str:
@@ -100,7 +101,7 @@ def parse_rules(text: str) -> list[RankRule]:
     parts = [p for chunk in str(text).split(";") for p in chunk.split(",")]
     rules = [RankRule.parse(p) for p in parts if p.strip()]
     if not rules:
-        raise ValueError(f"no rank rule in {text!r}")
+        raise RankwiseError(f"no rank rule in {text!r}")
     return rules
 
 
@@ -124,9 +125,13 @@ class RankPolicy:
         for name in ("max_rank", "conv_rank", "te_rank"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
-                raise ValueError(f"{name} must be ≥ 1 (or unset), got {v}")
+                raise RankwiseError(f"{name} must be ≥ 1 (or unset), got {v}")
         if self.min_rank < 1:
-            raise ValueError(f"min_rank must be ≥ 1, got {self.min_rank}")
+            raise RankwiseError(f"min_rank must be ≥ 1, got {self.min_rank}")
+        if self.max_rank is not None and self.min_rank > self.max_rank:
+            raise RankwiseError(
+                f"min_rank {self.min_rank} is above max_rank {self.max_rank}; no rank can satisfy both"
+            )
 
     def cap(self, kind: LayerKind, is_text_encoder: bool = False) -> int | None:
         """The rank (fixed rule) or the upper bound (dynamic rules) for a layer; None = unbounded."""

@@ -78,12 +78,18 @@ class Report:
 
     def summary(self) -> str:
         t = self.totals()
-        lines = [
-            f"{self.operation}: {int(t['written'])} layers written, {int(t['skipped'])} skipped, "
-            f"{int(t['fallbacks'])} fallbacks; mean rank {t['mean_rank']:.1f}; "
-            f"retained energy {100 * t['retained_energy']:.2f}%; size {t['bytes'] / 2**20:.1f} MiB; "
-            f"error vs optimum: median +{100 * t['median_excess']:.3f}%, max +{100 * t['max_excess']:.3f}%",
-        ]
+        if self.operation == "info":  # a file read as it is: nothing was written, kept or truncated
+            lines = [
+                f"info: {int(t['layers'])} layers ({int(t['skipped'])} all zero); mean rank {t['mean_rank']:.1f}; "
+                f"size {t['bytes'] / 2**20:.1f} MiB"
+            ]
+        else:
+            lines = [
+                f"{self.operation}: {int(t['written'])} layers written, {int(t['skipped'])} skipped, "
+                f"{int(t['fallbacks'])} fallbacks; mean rank {t['mean_rank']:.1f}; "
+                f"retained energy {100 * t['retained_energy']:.2f}%; size {t['bytes'] / 2**20:.1f} MiB; "
+                f"error vs optimum: median +{100 * t['median_excess']:.3f}%, max +{100 * t['max_excess']:.3f}%",
+            ]
         if self.params:
             lines.append("parameters: " + ", ".join(f"{k}={v}" for k, v in self.params.items()))
         lines.extend(f"note: {n}" for n in self.notes)

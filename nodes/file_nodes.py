@@ -102,6 +102,7 @@ class RankwiseSaveLoRA(io.ComfyNode):
         prefix = prefix_with_suffix(sanitize_prefix(filename_prefix), suffix)
         folder, stem, counter, subfolder = glue.lora_save_target(prefix)
         file_name = counter_file_name(stem, counter)
+        os.makedirs(folder, exist_ok=True)  # a subfolder of the prefix; the guard itself creates no folders
         result = save_lora(lora, os.path.join(folder, file_name), dtype=dtype_from_name(dtype))
         glue.forget_lora_list()
         name = relative_lora_name(subfolder, file_name)

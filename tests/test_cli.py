@@ -62,7 +62,7 @@ def test_extract_sweep_resize_merge_info(pair, tmp_path, capsys):
 def test_refuses_to_overwrite_an_input(pair, capsys):
     base, tuned = pair
     assert main(["extract", str(base), str(tuned), "-o", str(tuned), "--rank", "2", "--no-progress"]) == 2
-    assert "error:" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("rankwise: error: ")
 
 
 def test_mismatched_architectures_are_a_clear_error(pair, tmp_path, capsys):
@@ -78,3 +78,59 @@ def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
     assert (tmp_path / "demo_r16.safetensors").exists()
     assert "done in" in capsys.readouterr().out
+
+
+def test_progress_off_a_terminal_is_a_few_plain_lines(pair, tmp_path, capsys):
+    base, tuned = pair
+    assert main(["extract", str(base), str(tuned), "--rank", "2", "--dry-run"]) == 0  # capsys: not a TTY
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("extract: ")]
+    assert 2 <= len(lines) <= 12, err
+    total = lines[-1].split()[1].split("/")[1]
+    assert lines[-1].startswith(f"extract: {total}/{total} layers (100%) ") and lines[-1].endswith(" s")
+    done = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert done == sorted(done)
+
+
+def test_plain_progress_lines_every_ten_percent():
+    import io as _io
+
+    from rankwise.core.cli import _plain_progress
+
+    stream = _io.StringIO()
+    update, close = _plain_progress("extract", "layers", stream)
+    for i in range(1, 1059):
+        update(i, 1058, "x")
+    close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 10 and lines[0].startswith("extract: 106/1058 layers (10%) ")
+    assert lines[-1].startswith("extract: 1058/1058 layers (100%) ")
+
+
+def test_clean_clip_prints_a_readable_summary(pair, tmp_path, capsys):
+    base, tuned = pair
+    out = tmp_path / "clean.safetensors"
+    assert main(["clean-clip", str(base), str(tuned), "-o", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "CleanReport(" not in text
+    assert f"tensors" in text and str(out) in text and "text encoders replaced by base: te1" in text
+    assert main(["clean-clip", str(base), str(tuned), "-o", str(out), "--no-progress"]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_info_does_not_claim_to_write_layers(pair, tmp_path, capsys):
+    base, tuned = pair
+    out = tmp_path / "l.safetensors"
+    assert main(["extract", str(base), str(tuned), "-o", str(out), "--rank", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "layers written" not in text and "info: " in text and " layers (" in text
+
+
+def test_demo_never_replaces_a_users_file(tmp_path, capsys):
+    (tmp_path / "base.safetensors").write_bytes(b"mine")
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "base.safetensors already exists" in capsys.readouterr().err
+    assert (tmp_path / "base.safetensors").read_bytes() == b"mine"

@@ -194,7 +194,7 @@ def test_atomic_write_writes_through_a_temp_name_in_the_same_directory(tmp_path)
     atomic_write(tmp_path / "out.bin", writer)
     assert (tmp_path / "out.bin").read_bytes() == b"new"
     assert os.path.dirname(seen[0]) == str(tmp_path) and seen[0].endswith(".tmp")
-    assert os.path.basename(seen[0]).startswith("out.bin.")
+    assert os.path.basename(seen[0]).startswith(".out.bin.")  # hidden: .<name>.<hex>.tmp
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
@@ -388,3 +388,10 @@ def test_an_empty_lora_is_not_saved(tmp_path):
     with pytest.raises(FormatError, match="empty"):
         save_lora(Lora({}, arch=Arch.SD1), tmp_path / "empty.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_creates_no_folders_and_names_the_missing_one(tmp_path, gen):
+    target = tmp_path / "missing" / "a.safetensors"
+    with pytest.raises(UnsafePathError, match="the folder .*missing does not exist"):
+        save_lora(_lora(gen), target)
+    assert not (tmp_path / "missing").exists()

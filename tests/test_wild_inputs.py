@@ -204,7 +204,7 @@ def test_cli_bad_module_exit_2_then_skip(command, gen, tmp_path, capsys):
             "info": ["info", str(path)]}[command]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {path}: 1 LoRA module does not fit its sd1 layer: {name}: ")
+    assert err.startswith(f"rankwise: error: {path}: 1 LoRA module does not fit its sd1 layer: {name}: ")
     assert "\n" not in err and "(2, 7)" in err and "--skip-bad-modules" in err
     assert main(args + ["--skip-bad-modules"]) == 0
     out = capsys.readouterr().out
@@ -263,7 +263,7 @@ def test_directory_input_says_it_is_a_directory(argv, tmp_path, capsys):
     d.mkdir()
     assert main([a.format(d=d) for a in argv] + ["--no-progress"] * (argv[0] != "info")) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {d} is a directory, not a file; give the path of a " + (
+    assert err == f"rankwise: error: {d} is a directory, not a file; give the path of a " + (
         "checkpoint file" if argv[0] in ("extract", "clean-clip") else "file")
 
 
