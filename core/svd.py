@@ -121,6 +121,11 @@ class Decomposition:
     energy_gap: Tensor | None = field(default=None, repr=False)
 
     @property
+    def fallback(self) -> str | None:
+        """The fallback-ladder rung(s) taken, ``"; "``-joined, or None when the primary routine ran."""
+        return "; ".join(self.notes) if self.notes else None
+
+    @property
     def rank(self) -> int:
         """q, the number of triplets held."""
         return int(self.S.numel())
