@@ -70,9 +70,10 @@ from .pipeline import (
 )
 from .progress import ProgressFn
 from .rank import RankPolicy, Spectrum
+from .runtime import resolve_device  # noqa: F401  (public here too)
 from .report import LayerStat, Report
 from .sources import KeyStyle, PairReport, WeightSource, layer_source_key, preflight
-from .svd import Decomposition, SvdMethod, decompose, set_threads, split_factors, sum_squares
+from .svd import SvdMethod, decompose, set_threads, split_factors, sum_squares
 from .types import Lora, LoraLayer, SkipReason, as_matrix, factors_to_layer_shapes
 
 Tensor = torch.Tensor
@@ -210,13 +211,6 @@ def extract_sweep_detailed(
     if not policies:
         raise ValueError("extract_sweep needs at least one rank policy")
     return _run(base, tuned, tuple(policies), options, progress, title)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` → CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def layer_selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
