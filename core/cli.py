@@ -196,19 +196,18 @@ def _write_spectrum(result, png: str) -> None:
 
 def cmd_resize(args: argparse.Namespace) -> int:
     from .io import load_lora
-    from .resize import resize
+    from .resize import resize_sweep
 
     policies = _policies(args)
     lora, read = load_lora(args.input, skip_bad_modules=args.skip_bad_modules)
     _print_read_report(read)
     paths = _output_paths(args.output or "dry_run.safetensors", policies)
-    for policy, path in zip(policies, paths):
-        progress, close = _progress_bar(not args.no_progress)
-        try:
-            out, report = resize(lora, policy, strength=args.strength, progress=progress,
-                                 workers=args.workers)
-        finally:
-            close()
+    progress, close = _progress_bar(not args.no_progress)
+    try:  # one pass for the whole sweep
+        results = resize_sweep(lora, policies, strength=args.strength, progress=progress, workers=args.workers)
+    finally:
+        close()
+    for (out, report), path in zip(results, paths):
         _emit_report(report, args, path if len(paths) > 1 else None)
         if not args.dry_run:
             if not args.output:
