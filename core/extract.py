@@ -407,7 +407,11 @@ def decompose_delta(a: Tensor, info: LayerInfo, selectors: Sequence[RankSelector
     name = info.name
     layer = Decomposed(info, _decompose(a, k, options, device, full=False, name=name), source=a)
     while not all_certain(per_layer, layer) and k < p:
-        if 4 * k >= p:  # close to everything: the full spectrum costs less than more triplets
+        undecided = [sel for sel in per_layer if not all_certain([sel], layer)]
+        may_exceed = any(sel.needed(info) is None or sel.needed(info) > k for sel in undecided)
+        if 4 * k >= p or not may_exceed:
+            # more triplets cannot help (every undecided rank is capped below k), or k is close to
+            # everything: the complete spectrum (fp64 Gram eigenvalues) decides at once
             layer = Decomposed(info, _decompose(a, k, options, device, full=True, name=name), source=a)
             break
         k = min(p, 2 * k)
