@@ -73,7 +73,7 @@ from .rank import RankPolicy, Spectrum
 from .runtime import resolve_device  # noqa: F401  (public here too)
 from .report import LayerStat, Report
 from .sources import KeyStyle, PairReport, WeightSource, layer_source_key, preflight
-from .svd import SvdMethod, decompose, set_threads, split_factors, sum_squares
+from .svd import SvdMethod, decompose, set_threads, singular_values, split_factors, sum_squares
 from .types import Lora, LoraLayer, SkipReason, as_matrix, factors_to_layer_shapes
 
 Tensor = torch.Tensor
@@ -223,9 +223,9 @@ def layer_selected(name: str, include: Sequence[str], exclude: Sequence[str]) ->
 # ---------------------------------------------------------------------------------------------
 
 INITIAL_DYNAMIC = 64
-"""Leading triplets a dynamic rule without a cap is first decomposed with; doubled while the
-partial spectrum cannot decide (an ``sv_fro`` rank is decided exactly by the known values plus
-the tail energy ‖ΔW‖_F² − Σσ², so no full decomposition is needed)."""
+"""Leading triplets a dynamic rule without a cap is first decomposed with. An ``sv_fro`` rank is
+decided exactly by the known values plus the tail energy ‖ΔW‖_F² − Σσ² whenever it is ≤ this; a
+larger one is found from the complete spectrum (values only) instead of a full decomposition."""
 
 
 @dataclass
@@ -395,9 +395,10 @@ def decompose_delta(a: Tensor, info: LayerInfo, selectors: Sequence[RankSelector
     """Phase 1 of extract for one layer: ΔW (fp32 matrix) → a decomposition every selector can decide from.
 
     Fixed ranks (and capped dynamic rules) decompose once at the largest rank any rule needs. An
-    uncapped dynamic rule starts at :data:`INITIAL_DYNAMIC` triplets and doubles while the known
-    values cannot decide; a rule that still cannot (``sv_cumulative`` needs Σσ) gets the full
-    spectrum once. Then the triplets are topped up to the largest rank chosen.
+    uncapped dynamic rule starts at :data:`INITIAL_DYNAMIC` triplets; when the known values (plus
+    the tail energy ‖ΔW‖_F² − Σσ²) cannot decide, the complete spectrum (values only, fp64 Gram)
+    is computed once and decides every rule. Then the triplets are topped up to the largest rank
+    chosen, in one more decomposition.
     """
     p = info.limit
     wants = [s.needed(info) for s in selectors]
@@ -406,16 +407,14 @@ def decompose_delta(a: Tensor, info: LayerInfo, selectors: Sequence[RankSelector
     per_layer = [s for s in selectors if not s.is_global]
     name = info.name
     layer = Decomposed(info, _decompose(a, k, options, device, full=False, name=name), source=a)
-    while not all_certain(per_layer, layer) and k < p:
-        undecided = [sel for sel in per_layer if not all_certain([sel], layer)]
-        may_exceed = any(sel.needed(info) is None or sel.needed(info) > k for sel in undecided)
-        if 4 * k >= p or not may_exceed:
-            # more triplets cannot help (every undecided rank is capped below k), or k is close to
-            # everything: the complete spectrum (fp64 Gram eigenvalues) decides at once
-            layer = Decomposed(info, _decompose(a, k, options, device, full=True, name=name), source=a)
-            break
-        k = min(p, 2 * k)
-        layer = Decomposed(info, _decompose(a, k, options, device, full=False, name=name), source=a)
+    if not all_certain(per_layer, layer) and k < p:
+        # the known values cannot decide (an uncapped rule needs more of them, or sv_cumulative needs
+        # Σσ): the complete spectrum, values only (fp64 Gram eigenvalues), decides every rule; the
+        # triplets held stay. Doubling k instead cost up to four decompositions on heavy tails.
+        known = layer.dec.S.detach().double().cpu()
+        values = torch.cat([known, singular_values(a, device=device)[known.numel():].clamp(max=float(known[-1]))])
+        spectrum = Spectrum(values, layer.spectrum.fro2, layer.spectrum.full_rank)
+        layer = Decomposed(info, dataclasses.replace(layer.dec, spectrum=spectrum), source=a)
     need = triplets_needed(selectors, layer)
     if need > layer.dec.rank:
         more = _decompose(a, need, options, device, full=False, name=name)

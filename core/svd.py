@@ -255,6 +255,21 @@ def split_factors(dec: Decomposition, k: int) -> tuple[Tensor, Tensor]:
     return up, down
 
 
+def singular_values(A: Tensor, *, device: str | torch.device | None = None) -> Tensor:
+    """All p = min(m, n) singular values of the 2-D ``A`` (fp64, CPU, descending), without vectors
+    (:func:`.decompositions.gram_singular_values`; a thin fp64 SVD if that fails)."""
+    if A.dim() != 2:
+        raise ValueError(f"singular_values needs a 2-D matrix, got shape {tuple(A.shape)}")
+    dev = torch.device(device) if device is not None else A.device
+    with torch.no_grad():
+        A32 = A.detach().to(device=dev, dtype=torch.float32)
+        W = A32.mT if A32.shape[0] > A32.shape[1] else A32
+        try:
+            return dx.gram_singular_values(W)
+        except fb.FAILURES:
+            return torch.linalg.svdvals(W.detach().cpu().double())
+
+
 def decompose(
     A: Tensor,
     k: int,

@@ -264,3 +264,25 @@ def test_fallback_rung_is_reported_structurally(gen, monkeypatch):
     s = rep.layers[0]
     assert s.status is LayerStatus.FALLBACK and s.fallback.startswith("eigh driver evd") and s.dense_input
     assert rep.totals()["fallbacks"] == 1
+
+
+@pytest.mark.parametrize("method", [SvdMethod.EXACT, SvdMethod.FAST])
+def test_a_large_dynamic_rank_costs_two_decompositions_and_is_exact(gen, monkeypatch, method):
+    """sv_fro:0.9 of a heavy tail needs far more than 64 values: the complete spectrum (values only)
+    decides, then one decomposition at the chosen rank — never a doubling series."""
+    m, n = 400, 500
+    u, _ = torch.linalg.qr(torch.randn(m, m, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, m, generator=gen))
+    sigma = torch.arange(1, m + 1, dtype=torch.float32) ** -0.5
+    a = (u * sigma) @ v.mT
+    asked = []
+    original = extract_mod.decompose
+    monkeypatch.setattr(extract_mod, "decompose", lambda A, k, **kw: asked.append(k) or original(A, k, **kw))
+    sel = PolicySelector(policy("sv_fro:0.9"))
+    d = decompose_delta(a, _info(a), [sel, PolicySelector(policy("16"))], ExtractOptions(policy=policy("16"), method=method),
+                        torch.device("cpu"))
+    energy = torch.cumsum(sigma.double() ** 2, 0) / float((sigma.double() ** 2).sum())
+    want = int((energy < 0.81 * (1 - 1e-12)).sum()) + 1
+    decision = sel.decide(d)
+    assert want > 64 and decision.rank == want and decision.certain
+    assert asked == [64, want] and d.dec.rank == want
