@@ -42,7 +42,7 @@ from .finite import non_finite_parts, raise_non_finite
 from .metadata import build_metadata
 from .pipeline import (
     Decomposed, LayerInfo, PolicySelector, RankDecision, RankPhase, RankSelector, iter_layers, is_text_encoder,
-    layer_stat, selectors_of, skipped_stat, storage_bytes_per_rank, triplets_needed,
+    layer_stat, run_layers, selectors_of, skipped_stat, storage_bytes_per_rank, triplets_needed,
 )
 from .progress import ProgressFn
 from .rank import RankPolicy, Spectrum
@@ -55,6 +55,7 @@ Tensor = torch.Tensor
 __all__ = [
     "resize", "resize_sweep", "decompose_layer", "decompose_lowrank", "decompose_dense", "layer_output",
     "refactor_factors", "refactor_dense", "to_layer", "is_text_encoder", "layer_is_finite", "raise_non_finite",
+    "run_layers",  # moved to pipeline; re-exported for old callers
 ]
 
 
