@@ -335,7 +335,7 @@ def _write_spectrum(result, png: str, plan: OutputPlan) -> None:
 
 def cmd_resize(args: argparse.Namespace) -> int:
     from .io import load_lora
-    from .resize import resize
+    from .resize import resize_sweep
 
     policies = _policies(args)
     _check_run_options(args)
@@ -354,13 +354,12 @@ def cmd_resize(args: argparse.Namespace) -> int:
     plan = _plan(args, outputs, inputs)
     lora, read = load_lora(args.input, skip_bad_modules=args.skip_bad_modules)
     _print_read_report(read)
-    for policy, path, report_json in zip(policies, paths, reports):
-        progress, close = _progress_bar(not args.no_progress, "resize")
-        try:
-            out, report = resize(lora, policy, strength=args.strength, progress=progress,
-                                 workers=args.workers)
-        finally:
-            close()
+    progress, close = _progress_bar(not args.no_progress, "resize")
+    try:  # one pass for the whole sweep
+        results = resize_sweep(lora, policies, strength=args.strength, progress=progress, workers=args.workers)
+    finally:
+        close()
+    for (out, report), path, report_json in zip(results, paths, reports):
         _emit_report(report, args, plan, report_json)
         if args.output:
             _save(out, path, args, plan)

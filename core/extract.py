@@ -6,13 +6,20 @@ For every selected layer of the key table::
     upcast to fp32, then subtract            ΔW = W_tuned − W_base, as a matrix (conv flattened)
     finite check                             NonFiniteError names the key and the side
     near-zero check                          ‖ΔW‖_F / ‖W_base‖_F < min_relative_delta → skipped
-    decompose(ΔW, k = policy.needed_values)  svd.decompose (exact: Gram + partial eigh)
-    select_rank                              rank.select_rank; a partial spectrum that cannot
-                                             decide (sv_cumulative) is recomputed in full
-    split, (clamp), reshape                  up = U_r·diag(S_r), down = Vh_r, alpha = r (scale 1)
+    decompose_delta (phase 1)                svd.decompose at the largest rank any rule of the
+                                             sweep needs; uncapped dynamic rules start at 64
+                                             triplets and double while the known values (plus
+                                             the tail energy) cannot decide; sv_cumulative gets
+                                             the full spectrum when still undecided
+    rank phase (phase 2)                     pipeline.RankPhase: every rule of the sweep on the
+                                             same spectrum (per layer, or after the last layer
+                                             for a global selector)
+    layer_output                             up = U_r·diag(S_r), down = Vh_r, alpha = r (scale 1),
+                                             (clamp), reshape, store
 
-A background thread reads and converts the next layer while the current one decomposes (a bounded
-queue of ``options.prefetch`` layers), so I/O and the fp16 → fp32 conversion use the second core.
+:mod:`.pipeline` owns the loop: a read-ahead thread reads and converts the next layer while the
+current one decomposes (``options.prefetch`` layers), so I/O and the fp16 → fp32 conversion use
+the second core; progress, cancellation and the memory hand-back are the pipeline's too.
 
 Decisions (documented here once)
 --------------------------------
@@ -43,28 +50,31 @@ Decisions (documented here once)
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import fnmatch
 import math
-import queue
-import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from .archs import Component, KeyTable, LayerPreset, LayerSpec
 from .clip import DEFAULT_TE_THRESHOLD, EncoderDiff, text_encoder_report
 from .errors import NonFiniteError, RankwiseError
-from .memory import release_free_memory
+from .finite import is_finite, overflows
 from .metadata import build_metadata
-from .progress import ProgressFn, report as report_progress
-from .rank import RankChoice, RankPolicy, Spectrum, select_rank
+from .pipeline import (
+    Decomposed, LayerFilter, LayerInfo, LayerLoop, RankDecision, RankPhase, RankSelector, ReadAhead, all_certain,
+    layer_stat, selectors_of, skipped_stat, storage_bytes_per_rank, triplets_needed,
+)
+from .progress import ProgressFn
+from .rank import RankPolicy, Spectrum
+from .runtime import resolve_device  # noqa: F401  (public here too)
 from .report import LayerStat, Report
 from .sources import KeyStyle, PairReport, WeightSource, layer_source_key, preflight
-from .svd import Decomposition, SvdMethod, decompose, set_threads, split_factors, sum_squares
-from .types import LayerKind, Lora, LoraLayer, as_matrix, factors_to_layer_shapes
+from .svd import SvdMethod, decompose, set_threads, singular_values, split_factors, sum_squares
+from .types import Lora, LoraLayer, SkipReason, as_matrix, factors_to_layer_shapes
 
 Tensor = torch.Tensor
 
@@ -84,9 +94,10 @@ class TextEncoderMode(str, enum.Enum):
 class ExtractOptions:
     """How to extract; ``policy`` decides the ranks (see :mod:`.rank`).
 
-    ``include``/``exclude`` are patterns on kohya layer names: shell-style globs (``*attn2*``), or a
-    plain substring when a pattern has no ``*?[`` characters. A layer is kept when it matches some
-    ``include`` pattern (or ``include`` is empty) and no ``exclude`` pattern.
+    ``include``/``exclude`` are patterns on kohya layer names with the one
+    :class:`~.pipeline.LayerFilter` semantics: shell-style globs (``*attn2*``), or a plain substring
+    when a pattern has no ``*?[`` characters. A layer is kept when it matches some ``include``
+    pattern (or ``include`` is empty) and no ``exclude`` pattern.
     """
 
     policy: RankPolicy
@@ -104,6 +115,10 @@ class ExtractOptions:
     threads: int | None = None  # torch + OpenBLAS threads during the run (None: leave as is)
     prefetch: int = 1  # layers read ahead by the background thread (0: read in the main thread)
     seed: int = 0
+
+    @property
+    def layer_filter(self) -> LayerFilter:
+        return LayerFilter(self.include, self.exclude)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "preset", LayerPreset(self.preset))
@@ -172,7 +187,7 @@ def extract_detailed(
 def extract_sweep(
     base: WeightSource,
     tuned: WeightSource,
-    policies: Sequence[RankPolicy],
+    policies: Sequence[RankPolicy | RankSelector],
     options: ExtractOptions,
     *,
     progress: ProgressFn | None = None,
@@ -187,7 +202,7 @@ def extract_sweep(
 def extract_sweep_detailed(
     base: WeightSource,
     tuned: WeightSource,
-    policies: Sequence[RankPolicy],
+    policies: Sequence[RankPolicy | RankSelector],
     options: ExtractOptions,
     *,
     progress: ProgressFn | None = None,
@@ -198,46 +213,36 @@ def extract_sweep_detailed(
     return _run(base, tuned, tuple(policies), options, progress, title)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` → CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def layer_selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
-    """The include/exclude rule of :class:`ExtractOptions` for one kohya layer name."""
-    def hit(pattern: str) -> bool:
-        if any(c in pattern for c in "*?["):
-            return fnmatch.fnmatchcase(name, pattern)
-        return pattern in name
-
-    if include and not any(hit(p) for p in include):
-        return False
-    return not any(hit(p) for p in exclude)
+    """``LayerFilter(include, exclude).selects(name)`` (:class:`~.pipeline.LayerFilter`)."""
+    return LayerFilter(tuple(include), tuple(exclude)).selects(name)
 
 
 # ---------------------------------------------------------------------------------------------
 # The pass
 # ---------------------------------------------------------------------------------------------
 
+INITIAL_DYNAMIC = 64
+"""Leading triplets a dynamic rule without a cap is first decomposed with. An ``sv_fro`` rank is
+decided exactly by the known values plus the tail energy ‖ΔW‖_F² − Σσ² whenever it is ≤ this; a
+larger one is found from the complete spectrum (values only) instead of a full decomposition."""
+
 
 @dataclass
 class _Item:
-    """One layer, read and converted by the prefetcher."""
+    """One layer, read and converted by the read-ahead thread."""
 
     spec: LayerSpec
     delta: Tensor | None = None  # fp32 matrix m × n (conv flattened)
     fro2: float = 0.0
     base_norm: float = 0.0
-    error: BaseException | None = None
 
 
 @dataclass
 class _Out:
-    """What one policy accumulates."""
+    """What one selector accumulates."""
 
-    policy: RankPolicy
+    selector: RankSelector
     layers: dict[str, LoraLayer] = field(default_factory=dict)
     stats: list[LayerStat] = field(default_factory=list)
     kept_fp32: list[str] = field(default_factory=list)
@@ -246,7 +251,7 @@ class _Out:
 def _run(
     base: WeightSource,
     tuned: WeightSource,
-    policies: tuple[RankPolicy, ...],
+    policies: tuple[RankPolicy | RankSelector, ...],
     options: ExtractOptions,
     progress: ProgressFn | None,
     title: str,
@@ -256,7 +261,8 @@ def _run(
 
     components, encoders = _choose_components(base, tuned, table, pair, options, notes)
     selected = table.select(options.preset, components)
-    specs = tuple(s for s in selected if layer_selected(s.kohya, options.include, options.exclude))
+    flt = options.layer_filter
+    specs = tuple(s for s in selected if flt.selects(s.kohya))
     if len(specs) < len(selected):
         notes.append(f"{len(selected) - len(specs)} layers left out by the include/exclude filters")
     keys_b, keys_t = set(base.keys()), set(tuned.keys())
@@ -269,31 +275,47 @@ def _run(
         )
 
     device = resolve_device(options.device)
-    outs = [_Out(p) for p in policies]
+    selectors = selectors_of(policies)
+    outs = [_Out(s) for s in selectors]
     spectra: dict[str, Spectrum] = {}
+
+    def emit(d: Decomposed, decisions: Sequence[RankDecision]) -> None:
+        spectra[d.info.name] = d.spectrum
+        for out, decision in zip(outs, decisions):
+            layer, stat = layer_output(d, decision, options)
+            out.layers[d.info.name] = layer
+            out.stats.append(stat)
+            if stat.kept_fp32:
+                out.kept_fp32.append(d.info.name)
+
+    def on_skip(stat: LayerStat) -> None:
+        for out in outs:
+            out.stats.append(stat)
+
+    phase = RankPhase(selectors, emit, on_skip)
+    reader = _Reader(base, tuned, options.key_style, device)
     old_threads = torch.get_num_threads()
     if options.threads is not None:
         set_threads(options.threads)
     try:
-        with _Prefetcher(base, tuned, present, options.key_style, device, options.prefetch) as items:
-            for done, item in enumerate(items, start=1):
-                if item.error is not None:
-                    raise item.error
+        with LayerLoop(len(present), progress) as loop, \
+                ReadAhead(present, reader, options.prefetch, name="rankwise-extract-read") as items:
+            for index, item in enumerate(items, start=1):
                 rel = _relative(item)
                 if rel < options.min_relative_delta:
-                    stat = _near_zero_stat(item, rel)
-                    for out in outs:
-                        out.stats.append(stat)
+                    phase.skip(_near_zero_stat(item, rel))
                 else:
-                    spectra[item.spec.kohya] = _layer(item, outs, options, device, done)
+                    info = _layer_info(item.spec, options.factor_dtype)
+                    phase.add(decompose_delta(item.delta, info, selectors, options, device, index))
                 item.delta = None
-                report_progress(progress, done, len(present), item.spec.kohya)
+                loop.tick(item.spec.kohya)
+            phase.finish()
     finally:
+        reader.close()
         if options.threads is not None:
             set_threads(old_threads)
-        release_free_memory()
 
-    near_zero = sum(1 for s in outs[0].stats if s.status == "skipped")
+    near_zero = sum(1 for s in outs[0].stats if s.skip is SkipReason.NEAR_ZERO)
     if near_zero:
         notes.append(f"{near_zero} near-zero layers skipped (‖ΔW‖/‖W‖ < {options.min_relative_delta:g})")
     if options.clamp_quantile is not None:
@@ -301,6 +323,15 @@ def _run(
                      f"(sampled, ≤ {CLAMP_SAMPLE} values per layer)")
     frozen_spectra = MappingProxyType(spectra)
     return [_result(out, notes, base, tuned, options, pair, encoders, frozen_spectra, title) for out in outs]
+
+
+def _layer_info(spec: LayerSpec, dtype: torch.dtype) -> LayerInfo:
+    m = spec.shape[0]
+    n = 1
+    for x in spec.shape[1:]:
+        n *= int(x)
+    return LayerInfo(name=spec.kohya, kind=spec.kind, shape=tuple(spec.shape), is_text_encoder=spec.is_text_encoder,
+                     limit=max(1, min(int(m), n)), bytes_per_rank=storage_bytes_per_rank(spec.shape, dtype))
 
 
 def _relative(item: _Item) -> float:
@@ -311,12 +342,8 @@ def _relative(item: _Item) -> float:
 
 
 def _near_zero_stat(item: _Item, rel: float) -> LayerStat:
-    norm = math.sqrt(item.fro2)
-    return LayerStat(
-        name=item.spec.kohya, kind=item.spec.kind.value, shape=item.spec.shape, rank=0, norm=norm,
-        retained=0.0 if item.fro2 > 0 else 1.0, error=norm, optimal_error=norm,
-        status="skipped", note=f"near-zero (‖ΔW‖/‖W‖ = {rel:.2g})",
-    )
+    return skipped_stat(item.spec.kohya, item.spec.shape, SkipReason.NEAR_ZERO, norm=math.sqrt(item.fro2),
+                        note=f"near-zero (‖ΔW‖/‖W‖ = {rel:.2g})")
 
 
 def _result(out: _Out, notes: list[str], base: WeightSource, tuned: WeightSource, options: ExtractOptions,
@@ -326,10 +353,10 @@ def _result(out: _Out, notes: list[str], base: WeightSource, tuned: WeightSource
     if out.kept_fp32:
         out_notes.append(f"{len(out.kept_fp32)} layers kept fp32 factors (values beyond "
                          f"{_dtype_name(options.factor_dtype)} range): {', '.join(out.kept_fp32[:5])}")
-    fallbacks = sum(1 for s in out.stats if s.status == "fallback")
+    fallbacks = sum(1 for s in out.stats if s.fallback)
     if fallbacks:
         out_notes.append(f"{fallbacks} layers needed an SVD fallback (see their notes)")
-    params = _params(base, tuned, out.policy, options, pair)
+    params = _params(base, tuned, out.selector, options, pair)
     lora = Lora(layers=out.layers, metadata={}, arch=pair.arch)
     lora = lora.replace(metadata=_metadata(lora, title or _default_title(tuned), params))
     report = Report("extract", tuple(out.stats), tuple(out_notes), params)
@@ -363,57 +390,63 @@ def _choose_components(
     return tuple(comps), encoders
 
 
-def _layer(item: _Item, outs: list[_Out], options: ExtractOptions, device: torch.device, index: int) -> Spectrum:
-    """Decompose one ΔW once and emit a layer per policy. Returns the spectrum used."""
-    spec = item.spec
-    a = item.delta
-    m, n = a.shape
-    p = min(m, n)
-    kind, is_te = spec.kind, spec.is_text_encoder
-    k = max(out.policy.needed_values(p, kind, is_te) for out in outs)
-    dec = _decompose(a, k, options, device, full=False, name=spec.kohya)
-    choices = [_choose(dec, out.policy, kind, is_te) for out in outs]
-    if not all(c.certain for c in choices):
-        dec = _decompose(a, k, options, device, full=True, name=spec.kohya)
-        choices = [_choose(dec, out.policy, kind, is_te) for out in outs]
-    spectrum = dec.spectrum
-    norm = math.sqrt(item.fro2)
-    base_note = "; ".join(dec.notes)
-    for out, choice in zip(outs, choices):
-        r = choice.rank
-        up, down = split_factors(dec, r)
-        up, down = up.float(), down.float()
-        error = dec.error(r)
-        note = base_note
-        if options.clamp_quantile is not None:
-            up, down = _clamp(up, down, options.clamp_quantile, options.seed + index)
-            error = _true_error(a, up, down)
-        up_t, down_t = factors_to_layer_shapes(up, down, spec.shape)
-        up_s, down_s, kept32 = _store(up_t, down_t, options.factor_dtype)
-        if kept32:
-            out.kept_fp32.append(spec.kohya)
-            note = "; ".join(x for x in (note, f"kept fp32 (beyond {_dtype_name(options.factor_dtype)} range)") if x)
-        layer = LoraLayer(up=up_s, down=down_s, alpha=float(r))
-        out.layers[spec.kohya] = layer
-        out.stats.append(LayerStat(
-            name=spec.kohya,
-            kind=kind.value,
-            shape=spec.shape,
-            rank=r,
-            retained=spectrum.retained(r),
-            error=float(error),
-            optimal_error=float(dec.optimal_error(r)),
-            norm=norm,
-            nbytes=layer.nbytes(),
-            status="fallback" if dec.notes else "ok",
-            note=note,
-        ))
-    return spectrum
+def decompose_delta(a: Tensor, info: LayerInfo, selectors: Sequence[RankSelector], options: ExtractOptions,
+                    device: torch.device, index: int = 0) -> Decomposed:
+    """Phase 1 of extract for one layer: ΔW (fp32 matrix) → a decomposition every selector can decide from.
+
+    Fixed ranks (and capped dynamic rules) decompose once at the largest rank any rule needs. An
+    uncapped dynamic rule starts at :data:`INITIAL_DYNAMIC` triplets; when the known values (plus
+    the tail energy ‖ΔW‖_F² − Σσ²) cannot decide, the complete spectrum (values only, fp64 Gram)
+    is computed once and decides every rule. Then the triplets are topped up to the largest rank
+    chosen, in one more decomposition.
+    """
+    p = info.limit
+    wants = [s.needed(info) for s in selectors]
+    fixed = [w for w in wants if w is not None]
+    k = max(fixed) if len(fixed) == len(wants) else max(fixed + [min(p, INITIAL_DYNAMIC)])
+    per_layer = [s for s in selectors if not s.is_global]
+    name = info.name
+    layer = Decomposed(info, _decompose(a, k, options, device, full=False, name=name), source=a)
+    if not all_certain(per_layer, layer) and k < p:
+        # the known values cannot decide (an uncapped rule needs more of them, or sv_cumulative needs
+        # Σσ): the complete spectrum, values only (fp64 Gram eigenvalues), decides every rule; the
+        # triplets held stay. Doubling k instead cost up to four decompositions on heavy tails.
+        known = layer.dec.S.detach().double().cpu()
+        values = torch.cat([known, singular_values(a, device=device)[known.numel():].clamp(max=float(known[-1]))])
+        spectrum = Spectrum(values, layer.spectrum.fro2, layer.spectrum.full_rank)
+        layer = Decomposed(info, dataclasses.replace(layer.dec, spectrum=spectrum), source=a)
+    need = triplets_needed(selectors, layer)
+    if need > layer.dec.rank:
+        more = _decompose(a, need, options, device, full=False, name=name)
+        known = layer.spectrum.values
+        if known.numel() > need:  # keep the complete tail already known
+            values = torch.cat([more.spectrum.values[:need], known[need:].clamp(max=float(more.S[-1]))])
+            more = dataclasses.replace(more, spectrum=Spectrum(values, more.spectrum.fro2, more.spectrum.full_rank))
+        layer = Decomposed(info, more, source=a)
+    layer.extra["seed"] = options.seed + index
+    return layer
 
 
-def _choose(dec: Decomposition, policy: RankPolicy, kind: LayerKind, is_te: bool) -> RankChoice:
-    return select_rank(dec.spectrum, policy.rule, cap=policy.cap(kind, is_te), min_rank=policy.min_rank,
-                       kohya_compat=policy.kohya_compat)
+def layer_output(layer: Decomposed, decision: RankDecision, options: ExtractOptions) -> tuple[LoraLayer, LayerStat]:
+    """Phase 2 of extract for one layer and rank: split (clamp), store, and the layer's row."""
+    r = decision.rank
+    spec_shape = layer.info.shape
+    up, down = split_factors(layer.dec, r)
+    up, down = up.float(), down.float()
+    error = None
+    note = ""
+    if options.clamp_quantile is not None:
+        up, down = _clamp(up, down, options.clamp_quantile, int(layer.extra.get("seed", options.seed)))
+        if layer.source is not None:
+            error = _true_error(layer.source, up, down)
+        else:
+            note = "clamped; error is that of the unclamped factors"
+    up_t, down_t = factors_to_layer_shapes(up, down, spec_shape)
+    up_s, down_s, kept32 = _store(up_t, down_t, options.factor_dtype)
+    if kept32:
+        note = "; ".join(x for x in (note, f"kept fp32 (beyond {_dtype_name(options.factor_dtype)} range)") if x)
+    out = LoraLayer(up=up_s, down=down_s, alpha=float(r))
+    return out, layer_stat(layer, decision, out, error=error, note=note, kept_fp32=kept32)
 
 
 def _decompose(a: Tensor, k: int, options: ExtractOptions, device: torch.device, *, full: bool, name: str) -> Decomposition:
@@ -450,10 +483,9 @@ def _store(up: Tensor, down: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor
     up, down = up.detach().to("cpu"), down.detach().to("cpu")
     if dtype == torch.float32:
         return up.contiguous(), down.contiguous(), False
-    u, d = up.to(dtype), down.to(dtype)
-    if bool(torch.isfinite(u).all()) and bool(torch.isfinite(d).all()):
-        return u.contiguous(), d.contiguous(), False
-    return up.float().contiguous(), down.float().contiguous(), True
+    if overflows(up, dtype) or overflows(down, dtype):
+        return up.float().contiguous(), down.float().contiguous(), True
+    return up.to(dtype).contiguous(), down.to(dtype).contiguous(), False
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -461,73 +493,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prefetching reader
+# Reading (run ahead of the decomposition by pipeline.ReadAhead)
 # ---------------------------------------------------------------------------------------------
 
 
-class _Prefetcher:
-    """Reads, upcasts and subtracts layers ahead of the consumer in a daemon thread.
+class _Reader:
+    """``spec → _Item``: reads, upcasts and subtracts one layer; keeps a fused q/k/v tensor pair
+    while its layers are read. Raises NonFiniteError naming the key and the side."""
 
-    With ``depth == 0`` it works synchronously in the caller's thread. Errors travel in the item and
-    are raised by the consumer; closing (or leaving the ``with``) stops the thread.
-    """
-
-    def __init__(self, base: WeightSource, tuned: WeightSource, specs: Sequence[LayerSpec], style: KeyStyle,
-                 device: torch.device, depth: int) -> None:
+    def __init__(self, base: WeightSource, tuned: WeightSource, style: KeyStyle, device: torch.device) -> None:
         self._base, self._tuned = base, tuned
-        self._specs = tuple(specs)
         self._style = style
         self._device = device
-        self._depth = depth
-        self._stop = threading.Event()
-        self._queue: queue.Queue | None = None
-        self._thread: threading.Thread | None = None
         self._cache: tuple[str, Tensor, Tensor] | None = None
 
-    def __enter__(self) -> Iterator[_Item]:
-        if self._depth == 0:
-            return (self._read(s) for s in self._specs)
-        self._queue = queue.Queue(maxsize=self._depth)
-        self._thread = threading.Thread(target=self._work, name="rankwise-extract-prefetch", daemon=True)
-        self._thread.start()
-        return self._consume()
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            while self._thread.is_alive():
-                try:  # unblock a producer waiting on a full queue
-                    self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            self._thread.join()
-        self._cache = None
-
-    def _consume(self) -> Iterator[_Item]:
-        for _ in self._specs:
-            item = self._queue.get()
-            yield item
-            if item.error is not None:
-                return
-
-    def _work(self) -> None:
-        for spec in self._specs:
-            if self._stop.is_set():
-                return
-            item = self._read(spec)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item.error is not None:
-                return
+    def close(self) -> None:
         self._cache = None
 
     def _pair(self, key: str, fused: bool) -> tuple[Tensor, Tensor]:
-        """Both stored tensors of ``key`` on the device, not upcast; kept while the layers of a fused
-        q/k/v tensor are read."""
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         self._cache = None
@@ -537,22 +520,20 @@ class _Prefetcher:
             self._cache = (key, w, t)
         return w, t
 
-    def _read(self, spec: LayerSpec) -> _Item:
-        try:
-            key, rows = layer_source_key(spec, self._style)
-            w, t = self._pair(key, rows is not None)
-            if rows is not None:
-                w, t = w[rows[0]:rows[1]], t[rows[0]:rows[1]]
-            if tuple(w.shape) != tuple(spec.shape) or tuple(t.shape) != tuple(spec.shape):
-                raise RankwiseError(f"layer {spec.kohya}: tensor {key} has shapes {list(w.shape)} (base) and "
-                                    f"{list(t.shape)} (tuned), expected {list(spec.shape)}")
-            d = _difference(w, t)
-            if not bool(torch.isfinite(d).all()):
-                raise _non_finite(key, spec, (("base", self._base, w), ("tuned", self._tuned, t)))
-            mat = as_matrix(d)
-            return _Item(spec, mat, sum_squares(mat), math.sqrt(sum_squares(w)))
-        except BaseException as e:  # noqa: BLE001 — handed to the consumer
-            return _Item(spec, error=e)
+    def __call__(self, spec: LayerSpec) -> _Item:
+        key, rows = layer_source_key(spec, self._style)
+        w, t = self._pair(key, rows is not None)
+        if rows is not None:
+            w, t = w[rows[0]:rows[1]], t[rows[0]:rows[1]]
+        if tuple(w.shape) != tuple(spec.shape) or tuple(t.shape) != tuple(spec.shape):
+            raise RankwiseError(f"layer {spec.kohya}: tensor {key} has shapes {list(w.shape)} (base) and "
+                                f"{list(t.shape)} (tuned), expected {list(spec.shape)}")
+        d = _difference(w, t)
+        mat = as_matrix(d)
+        fro2 = sum_squares(mat)
+        if not math.isfinite(fro2):  # Σ d² is finite iff every entry is: no extra pass
+            raise _non_finite(key, spec, (("base", self._base, w), ("tuned", self._tuned, t)))
+        return _Item(spec, mat, fro2, math.sqrt(sum_squares(w)))
 
 
 def _difference(w: Tensor, t: Tensor) -> Tensor:
@@ -566,7 +547,7 @@ def _difference(w: Tensor, t: Tensor) -> Tensor:
 
 
 def _non_finite(key: str, spec: LayerSpec, sides: Sequence[tuple[str, WeightSource, Tensor]]) -> NonFiniteError:
-    bad = [f"{side} checkpoint {src.name!r}" for side, src, x in sides if not bool(torch.isfinite(x.float()).all())]
+    bad = [f"{side} checkpoint {src.name!r}" for side, src, x in sides if not is_finite(x)]
     where = " and ".join(bad) or "the difference (an overflow)"
     return NonFiniteError(
         f"tensor {key} (layer {spec.kohya}) holds NaN or Inf values in {where}; "
@@ -586,11 +567,12 @@ def _default_title(tuned: WeightSource) -> str:
     return f"{stem} (extracted)"
 
 
-def _params(base: WeightSource, tuned: WeightSource, policy: RankPolicy, options: ExtractOptions,
+def _params(base: WeightSource, tuned: WeightSource, selector: RankSelector, options: ExtractOptions,
             pair: PairReport) -> dict[str, str]:
+    policy = getattr(selector, "policy", None)
     return {
-        "rule": str(policy.rule),
-        "policy": policy.describe(),
+        "rule": str(policy.rule) if policy is not None else selector.label,
+        "policy": selector.label,
         "method": options.method.value,
         "preset": options.preset.value,
         "text_encoders": options.text_encoders.value,

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 import torch
 
 from .errors import FormatError, MismatchError, NonFiniteError
+from .finite import is_finite, non_finite_parts
 from .stream_write import StreamItem
 from .types import Arch, DiffLayer, LayerDelta, Lora, LoraLayer
 
@@ -1006,7 +1007,7 @@ def lora_state_items(
     overflow: list[str] = []
     for name, layer in lora.layers.items():
         parts = _layer_tensors(layer)
-        if not all(bool(torch.isfinite(t).all()) for t in parts.values()):
+        if non_finite_parts(parts.items()):  # the one policy (core/finite.py)
             nonfinite.append(name)
             continue
         scale = 1.0
@@ -1016,7 +1017,7 @@ def lora_state_items(
         fits = True
         for suffix, t in parts.items():
             produce = partial(_cast_scaled, t, scale if suffix == "lora_up.weight" else 1.0, dtype)
-            fits = fits and bool(torch.isfinite(produce()).all())
+            fits = fits and is_finite(produce())  # the cast itself finds a save-dtype overflow
             items.append((f"{prefix}.{suffix}", tuple(t.shape), dtype, produce))
         if not fits:
             overflow.append(name)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from .progress import ProgressFn, report as report_progress
+from .pipeline import LayerLoop
+from .progress import ProgressFn
 from .rank import RankRule, Spectrum, select_rank
 from .report import LayerStat, Report
 from .svd import SvdMethod, decompose, decompose_factored
-from .types import DiffLayer, LayerDelta, Lora, LoraLayer, as_matrix
+from .types import DiffLayer, LayerDelta, LayerStatus, Lora, LoraLayer, SkipReason, as_matrix
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
@@ -39,31 +40,34 @@ def lora_info(
     """
     stats: list[LayerStat] = []
     spectra: dict[str, Spectrum] = {}
-    total = len(lora.layers)
-    for i, (name, layer) in enumerate(lora.layers.items()):
-        spec = layer_spectrum(layer)
-        spectra[name] = spec
-        k99 = select_rank(spec, ENERGY_PROBE).rank if spec.fro2 > 0 else 0
-        s1 = float(spec.values[0]) if spec.known else 0.0
-        stats.append(
-            LayerStat(
-                name=name,
-                kind=layer.kind.value,
-                shape=layer.weight_shape,
-                rank=layer.rank,
-                input_rank=layer.rank,
-                retained=1.0,
-                norm=spec.fro2**0.5,
-                nbytes=layer.nbytes(),
-                status="ok" if spec.fro2 > 0 else "skipped",
-                note=f"σ1={s1:.3g} rank@99%={k99}" + ("" if isinstance(layer, LoraLayer) else " dense"),
-            )
-        )
-        report_progress(progress, i + 1, total, name)
+    with LayerLoop(len(lora.layers), progress) as loop:
+        for name, layer in lora.layers.items():
+            stats.append(_row(name, layer, spectra))
+            loop.tick(name)
     params = {k: v for k, v in lora.metadata.items() if k in _SHOWN_METADATA}
     report = Report("info", tuple(stats), params=params)
     image = _picture(spectra, lora, plot_layers) if spectrum and spectra else None
     return report, image
+
+
+def _row(name: str, layer: LayerDelta, spectra: dict[str, Spectrum]) -> LayerStat:
+    spec = layer_spectrum(layer)
+    spectra[name] = spec
+    k99 = select_rank(spec, ENERGY_PROBE).rank if spec.fro2 > 0 else 0
+    s1 = float(spec.values[0]) if spec.known else 0.0
+    return LayerStat(
+        name=name,
+        kind=layer.kind,
+        shape=layer.weight_shape,
+        rank=layer.rank,
+        input_rank=layer.rank,
+        retained=1.0,
+        norm=spec.fro2**0.5,
+        nbytes=layer.nbytes(),
+        status=LayerStatus.OK if spec.fro2 > 0 else LayerStatus.SKIPPED,
+        skip=None if spec.fro2 > 0 else SkipReason.EMPTY,
+        note=f"σ1={s1:.3g} rank@99%={k99}" + ("" if isinstance(layer, LoraLayer) else " dense"),
+    )
 
 
 _SHOWN_METADATA = ("ss_network_dim", "ss_network_alpha", "ss_base_model_version", "modelspec.title")

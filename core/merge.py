@@ -43,11 +43,10 @@ Other rules:
 from __future__ import annotations
 
 import enum
-import fnmatch
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -55,18 +54,20 @@ from .archs import detect_lora_arch, key_table
 from .blocks import block_labels, block_weight, parse_block_weights
 from .errors import MismatchError, RankwiseError
 from .metadata import build_metadata
+from .finite import raise_non_finite
+from .pipeline import (
+    Decomposed, LayerFilter, RankDecision, RankPhase, RankSelector, iter_layers, layer_stat, selectors_of,
+    skipped_stat,
+)
 from .progress import ProgressFn
 from .rank import RankPolicy
 from .report import LayerStat, Report
-from .resize import (
-    NON_FINITE_NOTE, is_text_encoder, layer_is_finite, layer_stat, raise_non_finite, refactor_dense, refactor_factors,
-    run_layers, skipped_stat, to_layer,
-)
-from .types import Arch, DiffLayer, LayerDelta, LayerKind, Lora, LoraLayer, as_matrix
+from .resize import decompose_dense, decompose_lowrank, layer_non_finite, layer_output, to_layer
+from .types import Arch, DiffLayer, LayerDelta, LayerKind, LayerStatus, Lora, LoraLayer, SkipReason, as_matrix
 
 Tensor = torch.Tensor
 
-__all__ = ["MergeInput", "MergeMode", "merge", "parse_block_weights", "EMPTY_RTOL"]
+__all__ = ["MergeInput", "MergeMode", "merge", "merge_sweep", "merge_layer_terms", "parse_block_weights", "EMPTY_RTOL"]
 
 EMPTY_RTOL = 1e-5  # a merged layer with ‖ΔW‖ ≤ EMPTY_RTOL · Σ‖termᵢ‖ counts as cancelled
 _PROBES = 8
@@ -141,12 +142,6 @@ def _check_shapes(name: str, terms: Sequence[_Term], inputs: Sequence[MergeInput
         listing = ", ".join(f"{_label(inputs[i], i)}: {tuple(s)}" for i, s in shapes.items())
         raise MismatchError(f"layer {name} has different weight shapes in the inputs ({listing}); "
                             f"these LoRAs are for different models")
-
-
-def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
-    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
 def _stack(terms: Sequence[_Term]) -> tuple[Tensor, Tensor]:
@@ -224,33 +219,29 @@ def _join(*parts: str) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def _merge_layer(
-    name: str,
-    shape: tuple[int, ...],
-    terms: Sequence[_Term],
-    *,
-    mode: MergeMode,
-    policy: RankPolicy | None,
-    dtype: torch.dtype,
-    note: str,
-    seed: int,
-) -> tuple[LayerDelta | None, LayerStat]:
-    """Merge one layer's terms (at least one); None when they cancel.
+def merge_layer_terms(
+    name: str, job: "_Job", *, mode: MergeMode, selectors: Sequence[RankSelector], dtype: torch.dtype,
+) -> Decomposed | tuple[LayerDelta, LayerStat] | LayerStat:
+    """Phase 1 of a merge for one layer (at least one term).
 
-    All-LoRA terms stay factored (stacked factors); any dense term makes the layer dense.
+    Returns the stat of a layer that cancels, the finished ``(layer, stat)`` of a concat, or, in
+    SVD mode, the exact decomposition of the summed ΔW for the rank phase. All-LoRA terms stay
+    factored (stacked factors); any dense term makes the layer dense.
     """
+    shape, terms = job.shape, job.terms
     in_rank = sum(t.rank for t in terms)
     dense = not all(isinstance(t.layer, LoraLayer) for t in terms)
     if dense:
         deltas = [t.dense() for t in terms]
         total = functools.reduce(torch.add, deltas)
-        merged_norm, parts_norm = _norms_dense(deltas, total, seed)
+        merged_norm, parts_norm = _norms_dense(deltas, total, job.seed)
         del deltas
     else:
         up, down = _stack(terms)
-        merged_norm, parts_norm = _norms_factored(up, down, [t.rank for t in terms], seed)
+        merged_norm, parts_norm = _norms_factored(up, down, [t.rank for t in terms], job.seed)
     if merged_norm <= EMPTY_RTOL * parts_norm:
-        return None, skipped_stat(name, shape, input_rank=in_rank, note=_join("empty: the inputs cancel", note))
+        return skipped_stat(name, shape, SkipReason.EMPTY, input_rank=in_rank, missing_in=job.missing_in,
+                            note=_join("empty: the inputs cancel", job.note), dense_input=dense)
     if mode is MergeMode.CONCAT:
         if dense:
             layer: LayerDelta = DiffLayer(total.reshape(shape).to(dtype).contiguous())
@@ -258,17 +249,19 @@ def _merge_layer(
         else:
             layer, rank = to_layer(up, down, float(in_rank), shape, dtype), in_rank
         stat = LayerStat(
-            name=name, kind=LayerKind.of_shape(shape).value, shape=tuple(shape), rank=rank,
+            name=name, kind=LayerKind.of_shape(shape), shape=tuple(shape), rank=rank,
             input_rank=in_rank, retained=1.0, error=0.0, optimal_error=0.0, norm=merged_norm,
-            nbytes=layer.nbytes(), status="ok", note=_join(note, "dense input: kept as a full diff" if dense else ""),
+            nbytes=layer.nbytes(), status=LayerStatus.OK,
+            note=_join(job.note, "dense input: kept as a full diff" if dense else ""),
+            missing_in=job.missing_in, dense_input=dense,
         )
         return layer, stat
-    assert policy is not None
-    kind, is_te = LayerKind.of_shape(shape), is_text_encoder(name)
-    ref = refactor_dense(total, policy, kind, is_te) if dense else refactor_factors(up, down, policy, kind, is_te)
-    layer = to_layer(ref.up, ref.down, float(ref.rank), shape, dtype)
-    return layer, layer_stat(name, shape, layer, ref, input_rank=in_rank,
-                             note=_join(note, "dense input: summed densely" if dense else ""))
+    if dense:
+        d = decompose_dense(name, shape, total, selectors, dtype)
+    else:
+        d = decompose_lowrank(name, shape, up, down, selectors, dtype)
+    d.extra.update(input_rank=in_rank, dense=dense, job=job)
+    return d
 
 
 def _notes(inputs: Sequence[MergeInput], active: Sequence[int], stats: Sequence[LayerStat],
@@ -277,23 +270,26 @@ def _notes(inputs: Sequence[MergeInput], active: Sequence[int], stats: Sequence[
     not_read = [_label(inp, i) for i, inp in enumerate(inputs) if i not in active]
     if not_read:
         notes.append(f"ratio 0, not read: {', '.join(not_read)}")
-    partial = [s.name for s in stats if "missing in" in s.note and s.note != "filtered out"]
+    partial = [s.name for s in stats if s.missing_in and s.skip is not SkipReason.FILTERED]
     if partial:
         notes.append(f"{len(partial)} layer(s) missing from some inputs, merged with 0 for the missing "
                      f"ones (e.g. {partial[0]})")
-    empty = [s.name for s in stats if s.note.startswith("empty")]
+    empty = [s.name for s in stats if s.skip is SkipReason.EMPTY]
     if empty:
         notes.append(f"{len(empty)} layer(s) empty after merging (cancelled or weight 0), dropped "
                      f"(e.g. {empty[0]})")
-    filtered = sum(s.note == "filtered out" for s in stats)
+    filtered = sum(s.skip is SkipReason.FILTERED for s in stats)
     if filtered:
         notes.append(f"{filtered} layer(s) left out by the include/exclude filters")
     if unlabelled and arch is not None:
         notes.append(f"{unlabelled} layer(s) have no block label in the {arch.value} key table; block weight 1")
-    dense = sum("dense input" in s.note for s in stats)
+    dense = sum(s.dense_input for s in stats if s.status is not LayerStatus.SKIPPED)
     if dense:
         how = "kept as a full diff (concat is exact)" if mode is MergeMode.CONCAT else "summed densely"
         notes.append(f"{dense} layer(s) with a dense (LoHa/LoKr/full) input {how}")
+    fallbacks = [s.name for s in stats if s.fallback]
+    if fallbacks:
+        notes.append(f"{len(fallbacks)} layer(s) needed an SVD fallback (e.g. {fallbacks[0]})")
     if mode is MergeMode.CONCAT:
         notes.append("concat: layer norms are probe estimates (ΔW is never formed)")
     if empty_result:
@@ -302,7 +298,15 @@ def _notes(inputs: Sequence[MergeInput], active: Sequence[int], stats: Sequence[
     return notes
 
 
-_Job = Union[tuple[tuple[int, ...], list[_Term], str, int], LayerStat]
+@dataclass(frozen=True)
+class _Job:
+    """One layer to merge: its shape, terms, the inputs that lack it, a note, the probe seed."""
+
+    shape: tuple[int, ...]
+    terms: list[_Term]
+    missing_in: tuple[str, ...]
+    note: str
+    seed: int
 
 
 def _plan(
@@ -310,20 +314,19 @@ def _plan(
     active: Sequence[int],
     names: Sequence[str],
     blocks: Callable[[str], str | None] | None,
-    include: Sequence[str],
-    exclude: Sequence[str],
-) -> tuple[dict[str, _Job], int]:
+    flt: LayerFilter,
+) -> tuple[dict[str, _Job | LayerStat], int]:
     """Per layer: (shape, terms, note, probe seed) to merge, or the stat of a layer left out;
     plus the count of layers without a block label. Checks shapes (cheap, before any SVD)."""
-    jobs: dict[str, _Job] = {}
+    jobs: dict[str, _Job | LayerStat] = {}
     unlabelled = 0
     for index, name in enumerate(names):
         present = [i for i in active if name in inputs[i].lora.layers]
         shape = inputs[present[0]].lora.layers[name].weight_shape
-        if not _selected(name, include, exclude):
-            jobs[name] = skipped_stat(name, shape, input_rank=None, note="filtered out")
+        if not flt.selects(name):
+            jobs[name] = skipped_stat(name, shape, SkipReason.FILTERED, note="filtered out")
             continue
-        missing = [_label(inputs[i], i) for i in active if i not in present]
+        missing = tuple(_label(inputs[i], i) for i in active if i not in present)
         note = f"missing in {', '.join(missing)} (taken as 0)" if missing else ""
         block = blocks(name) if blocks is not None else None
         unlabelled += blocks is not None and block is None
@@ -334,24 +337,22 @@ def _plan(
         ]
         _check_shapes(name, terms, inputs)
         if terms:
-            jobs[name] = (shape, terms, note, _PROBE_SEED + index)
+            jobs[name] = _Job(shape, terms, missing, note, _PROBE_SEED + index)
         else:
-            jobs[name] = skipped_stat(name, shape, input_rank=0, note=_join("empty: block weight 0", note))
+            jobs[name] = skipped_stat(name, shape, SkipReason.EMPTY, input_rank=0, missing_in=missing,
+                                      note=_join("empty: block weight 0", note))
     return jobs, unlabelled
 
 
-def _describe(inputs: Sequence[MergeInput], active: Sequence[int], mode: MergeMode, policy: RankPolicy | None,
-              include: Sequence[str], exclude: Sequence[str]) -> tuple[dict[str, str], str]:
+def _describe(inputs: Sequence[MergeInput], active: Sequence[int], mode: MergeMode, rule_label: str | None,
+              flt: LayerFilter) -> tuple[dict[str, str], str]:
     """(rankwise.params entries, ss_training_comment) of a merge."""
     ratios = ", ".join(f"{_label(inp, i)}×{float(inp.ratio):g}" for i, inp in enumerate(inputs))
     params = {"mode": mode.value, "ratios": ratios}
-    rule = policy.describe() if policy is not None and mode is MergeMode.SVD else ""
+    rule = rule_label if rule_label is not None and mode is MergeMode.SVD else ""
     if rule:
         params["rule"] = rule
-    if include:
-        params["include"] = ",".join(include)
-    if exclude:
-        params["exclude"] = ",".join(exclude)
+    params.update(flt.params())
     blocked = [f"{_label(inputs[i], i)}[{','.join(f'{k}:{v:g}' for k, v in inputs[i].block_weights.items())}]"
                for i in active if inputs[i].block_weights]
     if blocked:
@@ -371,6 +372,7 @@ def merge(
     exclude: Sequence[str] = (),
     dtype: torch.dtype | None = None,
     workers: int = 1,
+    layer_filter: LayerFilter | None = None,
 ) -> tuple[Lora, Report]:
     """Merge LoRAs: ΔW = Σᵢ ratioᵢ · block_weightᵢ(layer) · ΔWᵢ, layer by layer.
 
@@ -380,10 +382,10 @@ def merge(
         mode: ``CONCAT`` (exact, ranks add up) or ``SVD`` (exact re-compression to ``policy``).
         policy: the rank rule for ``SVD`` (``conv_rank``/``te_rank`` apply); unused for ``CONCAT``.
         progress: called after each layer as ``progress(done, total, name)``; may raise to cancel.
-        include: fnmatch patterns on kohya layer names; when given, only matching layers are merged.
-        exclude: fnmatch patterns of layers to leave out.
+        include, exclude: layer patterns with the :class:`~.pipeline.LayerFilter` semantics (a glob,
+            or a substring when the pattern has no ``*?[``); or pass ``layer_filter``.
         dtype: output dtype; None promotes the inputs' dtypes (fp16 + fp16 → fp16).
-        workers: layers merged concurrently, each with one torch thread (:func:`resize.run_layers`);
+        workers: layers merged concurrently, each with one torch thread (:func:`pipeline.iter_layers`);
             2 on a 2-core machine. The result is the same up to float round-off.
 
     Returns:
@@ -403,45 +405,106 @@ def merge(
     if mode is MergeMode.SVD and policy is None:
         raise RankwiseError("SVD merge needs a rank policy (e.g. RankPolicy(RankRule.parse('64'))); "
                             "use mode=concat for an exact merge without one")
+    policies = [policy] if mode is MergeMode.SVD else []
+    return merge_sweep(inputs, policies, mode=mode, progress=progress, include=include, exclude=exclude,
+                       dtype=dtype, workers=workers, layer_filter=layer_filter)[0]
+
+
+@torch.no_grad()
+def merge_sweep(
+    inputs: Sequence[MergeInput],
+    policies: Sequence[RankPolicy | RankSelector],
+    *,
+    mode: MergeMode = MergeMode.SVD,
+    progress: ProgressFn | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dtype: torch.dtype | None = None,
+    workers: int = 1,
+    layer_filter: LayerFilter | None = None,
+) -> list[tuple[Lora, Report]]:
+    """One merged LoRA per policy from a single pass (SVD mode: each summed layer is decomposed
+    once); CONCAT ignores ``policies`` and returns one LoRA. See :func:`merge`."""
+    mode = MergeMode(mode)
+    if not inputs:
+        raise RankwiseError("nothing to merge: no input LoRAs")
+    if mode is MergeMode.SVD and not policies:
+        raise RankwiseError("SVD merge needs a rank policy (e.g. RankPolicy(RankRule.parse('64'))); "
+                            "use mode=concat for an exact merge without one")
     active = [i for i, inp in enumerate(inputs) if float(inp.ratio) != 0.0]
     if not active:
         raise RankwiseError("every merge ratio is 0: nothing to merge")
+    flt = layer_filter if layer_filter is not None else LayerFilter(tuple(include), tuple(exclude))
     arch = _check_archs(inputs, active)
     blocks = _block_lookup(arch, inputs, active)
     out_dtype = dtype or _output_dtype(inputs, active)
 
     names = _layer_names(inputs, active)
-    jobs, unlabelled = _plan(inputs, active, names, blocks, include, exclude)
+    jobs, unlabelled = _plan(inputs, active, names, blocks, flt)
+    selectors = selectors_of(policies) if mode is MergeMode.SVD else ()
+    n_out = max(1, len(selectors))
+    outs: list[dict[str, LayerDelta]] = [{} for _ in range(n_out)]
+    stats: list[list[LayerStat]] = [[] for _ in range(n_out)]
 
-    def run(name: str) -> tuple[LayerDelta | None, LayerStat]:
+    def run(name: str):
         job = jobs.pop(name)  # drop the references as we go
         if isinstance(job, LayerStat):
-            return None, job
-        shape, terms, note, seed = job
-        bad = [_label(inputs[t.index], t.index) for t in terms if not layer_is_finite(t.layer)]
+            return job
+        bad = [_label(inputs[t.index], t.index) for t in job.terms if layer_non_finite(t.layer)]
         if bad:
-            return None, skipped_stat(name, shape, input_rank=None, note=f"{NON_FINITE_NOTE} ({', '.join(bad)})")
-        return _merge_layer(name, shape, terms, mode=mode, policy=policy, dtype=out_dtype, note=note, seed=seed)
+            return skipped_stat(name, job.shape, SkipReason.NON_FINITE, note=f"NaN/Inf in {', '.join(bad)}",
+                                non_finite=tuple(bad))
+        return merge_layer_terms(name, job, mode=mode, selectors=selectors, dtype=out_dtype)
 
-    results = run_layers(run, names, workers=workers, progress=progress)
-    layers = {name: layer for name, (layer, _) in zip(names, results) if layer is not None}
-    stats = [stat for _, stat in results]
-    bad = [s for s in stats if s.note.startswith(NON_FINITE_NOTE)]
+    def emit(d: Decomposed, decisions: Sequence[RankDecision]) -> None:
+        x = d.extra
+        job: _Job = x["job"]
+        for out, st, decision in zip(outs, stats, decisions):
+            layer = layer_output(d, decision, scale=1.0, dtype=out_dtype)
+            out[d.info.name] = layer
+            st.append(layer_stat(d, decision, layer, input_rank=x["input_rank"], missing_in=job.missing_in,
+                                 dense_input=x["dense"],
+                                 note=_join(job.note, "dense input: summed densely" if x["dense"] else "")))
+
+    def on_skip(item) -> None:
+        stat, layer = (item, None) if isinstance(item, LayerStat) else (item[1], item[0])
+        for out, st in zip(outs, stats):
+            st.append(stat)
+            if layer is not None:
+                out[stat.name] = layer
+
+    phase = RankPhase(selectors, emit, on_skip) if selectors else None
+    for result in iter_layers(run, names, workers=workers, progress=progress):
+        if isinstance(result, Decomposed):
+            phase.add(result)
+        elif phase is not None:
+            phase.skip(result)
+        else:
+            on_skip(result)
+    if phase is not None:
+        phase.finish()
+    bad = [s for s in stats[0] if s.non_finite]
     raise_non_finite([s.name for s in bad], "the merge input",
-                     shown_as=[f"{s.name} in {s.note[len(NON_FINITE_NOTE) + 2:-1]}" for s in bad])
+                     shown_as=[f"{s.name} in {', '.join(s.non_finite)}" for s in bad])
 
     labels = [_label(inputs[i], i) for i in active]
-    notes = _notes(inputs, active, stats, arch, unlabelled, mode, empty_result=not layers)
-    params, comment = _describe(inputs, active, mode, policy, include, exclude)
-    out = Lora(layers=layers, metadata={}, arch=arch)
     first = inputs[active[0]].lora
-    metadata = build_metadata(
-        out,
-        title=f"merge of {', '.join(labels)}",
-        method=f"merge-{mode.value}",
-        params=params,
-        merged_from=tuple(labels),
-        carry=first.metadata,
-        comment=comment,
-    )
-    return out.replace(metadata=metadata), Report(f"merge ({mode.value})", tuple(stats), tuple(notes), params)
+    results = []
+    for i in range(n_out):
+        rule_label = selectors[i].label if selectors else None
+        layers = outs[i]
+        notes = _notes(inputs, active, stats[i], arch, unlabelled, mode, empty_result=not layers)
+        params, comment = _describe(inputs, active, mode, rule_label, flt)
+        out = Lora(layers=layers, metadata={}, arch=arch)
+        metadata = build_metadata(
+            out,
+            title=f"merge of {', '.join(labels)}",
+            method=f"merge-{mode.value}",
+            params=params,
+            merged_from=tuple(labels),
+            carry=first.metadata,
+            comment=comment,
+        )
+        report = Report(f"merge ({mode.value})", tuple(stats[i]), tuple(notes), params)
+        results.append((out.replace(metadata=metadata), report))
+    return results

@@ -7,18 +7,31 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+from .types import LayerKind, LayerStatus, SkipReason
+
 
 @dataclass(frozen=True)
 class LayerStat:
     """One output layer.
 
     ``retained``: fraction of ‖ΔW‖_F² kept. ``error``: ‖ΔW − ΔW_k‖_F of what was written (before the
-    output dtype cast). ``optimal_error``: the Eckart–Young optimum at the same rank. ``status`` is
-    ``"ok"``, ``"skipped"`` (near-zero or filtered) or ``"fallback"`` (see ``note``).
+    output dtype cast). ``optimal_error``: the Eckart–Young optimum at the same rank. ``status`` is a
+    :class:`LayerStatus` (``ok``, ``skipped`` — see ``skip`` — or ``fallback`` — see ``fallback``).
+
+    Structured fields (code reads these, never ``note``, which is for people):
+
+    * ``capped``: a fixed rank above the layer's rank limit was lowered to the limit;
+    * ``non_finite``: the inputs (sides, factors or input LoRAs) that hold NaN/Inf;
+    * ``fallback``: the fallback-ladder rung(s) that produced the decomposition, None when the
+      primary routine ran;
+    * ``skip``: why a skipped layer was not written;
+    * ``missing_in``: merge inputs that lack the layer (taken as 0);
+    * ``dense_input``: the layer came from (or was merged with) a dense LoHa/LoKr/full ΔW;
+    * ``kept_fp32``: the factors stayed fp32 because the storage dtype would overflow.
     """
 
     name: str
-    kind: str
+    kind: LayerKind
     shape: tuple[int, ...]
     rank: int
     input_rank: int | None = None
@@ -27,8 +40,28 @@ class LayerStat:
     optimal_error: float = 0.0
     norm: float = 0.0
     nbytes: int = 0
-    status: str = "ok"
+    status: LayerStatus = LayerStatus.OK
     note: str = ""
+    capped: bool = False
+    non_finite: tuple[str, ...] = ()
+    fallback: str | None = None
+    skip: SkipReason | None = None
+    missing_in: tuple[str, ...] = ()
+    dense_input: bool = False
+    kept_fp32: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", LayerKind(self.kind))
+        object.__setattr__(self, "status", LayerStatus(self.status))
+        if self.skip is not None:
+            object.__setattr__(self, "skip", SkipReason(self.skip))
+        object.__setattr__(self, "non_finite", tuple(self.non_finite))
+        object.__setattr__(self, "missing_in", tuple(self.missing_in))
+        object.__setattr__(self, "shape", tuple(int(x) for x in self.shape))
+
+    @property
+    def written(self) -> bool:
+        return self.status is not LayerStatus.SKIPPED
 
     @property
     def excess(self) -> float:
@@ -49,15 +82,15 @@ class Report:
 
     @property
     def written(self) -> tuple[LayerStat, ...]:
-        return tuple(s for s in self.layers if s.status != "skipped")
+        return tuple(s for s in self.layers if s.status is not LayerStatus.SKIPPED)
 
     @property
     def skipped(self) -> tuple[LayerStat, ...]:
-        return tuple(s for s in self.layers if s.status == "skipped")
+        return tuple(s for s in self.layers if s.status is LayerStatus.SKIPPED)
 
     @property
     def fallbacks(self) -> tuple[LayerStat, ...]:
-        return tuple(s for s in self.layers if s.status == "fallback")
+        return tuple(s for s in self.layers if s.status is LayerStatus.FALLBACK)
 
     def totals(self) -> dict[str, float]:
         written = self.written
@@ -100,11 +133,11 @@ class Report:
         rows = [header, "-" * len(header)]
         shown: Iterable[LayerStat] = self.layers if limit is None else self.layers[:limit]
         for s in shown:
-            ratio = "" if s.status == "skipped" else f"{1 + s.excess:8.4f}"
+            ratio = "" if s.status is LayerStatus.SKIPPED else f"{1 + s.excess:8.4f}"
             note = f" {s.note}" if s.note else ""
             rows.append(
-                f"{s.name[:72]:<72} {s.kind:<8} {s.rank:>5} {100 * s.retained:>7.2f} {ratio:>8} "
-                f"{s.nbytes / 1024:>8.1f}  {s.status}{note}"
+                f"{s.name[:72]:<72} {s.kind.value:<8} {s.rank:>5} {100 * s.retained:>7.2f} {ratio:>8} "
+                f"{s.nbytes / 1024:>8.1f}  {s.status.value}{note}"
             )
         if limit is not None and len(self.layers) > limit:
             rows.append(f"… {len(self.layers) - limit} more layers")
@@ -116,6 +149,11 @@ class Report:
         def layer(s: LayerStat) -> dict:
             d = asdict(s)
             d["shape"] = list(s.shape)
+            d["kind"] = s.kind.value
+            d["status"] = s.status.value
+            d["skip"] = None if s.skip is None else s.skip.value
+            d["non_finite"] = list(s.non_finite)
+            d["missing_in"] = list(s.missing_in)
             d["excess"] = s.excess if math.isfinite(s.excess) else None
             return d
 

@@ -21,181 +21,103 @@ input (no alpha) gets ``alpha = k`` (scale 1). ``strength`` multiplies ΔW and i
 weights (it never lands in alpha).
 
 Ranks: a fixed rank above a layer's rank limit is capped at min(out, in·kh·kw, input rank) and the
-cap is reported per layer (kohya's ``resize_lora.py`` raises IndexError here). A layer whose ΔW is
-exactly zero (alpha 0, zero factors) is dropped and reported as skipped.
+cap is reported per layer (``LayerStat.capped``; kohya's ``resize_lora.py`` raises IndexError
+here). A layer whose ΔW is exactly zero (alpha 0, zero factors) is dropped and reported as skipped.
+
+Sweeps: :func:`resize_sweep` decomposes every layer once and gives one LoRA per rule (the loop,
+progress and rank phase are :mod:`.pipeline`'s). The per-layer math is :func:`decompose_layer`
+(factors → decomposition) and :func:`layer_output` (decomposition + rank → factors).
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Mapping, Sequence, Union
 
 import torch
 
-from .errors import NonFiniteError, RankwiseError
+from .errors import RankwiseError
+from .finite import non_finite_parts, raise_non_finite
 from .metadata import build_metadata
-from .memory import release_free_memory
-from .progress import ProgressFn, report
-from .rank import RankPolicy, Spectrum, select_rank
+from .pipeline import (
+    Decomposed, LayerInfo, PolicySelector, RankDecision, RankPhase, RankSelector, iter_layers, is_text_encoder,
+    layer_stat, run_layers, selectors_of, skipped_stat, storage_bytes_per_rank, triplets_needed,
+)
+from .progress import ProgressFn
+from .rank import RankPolicy, Spectrum
 from .report import LayerStat, Report
 from .svd import Decomposition, SvdMethod, decompose, decompose_factored, split_factors
-from .types import DiffLayer, LayerDelta, LayerKind, Lora, LoraLayer, as_matrix, factors_to_layer_shapes
+from .types import DiffLayer, LayerDelta, LayerKind, Lora, LoraLayer, SkipReason, as_matrix, factors_to_layer_shapes
 
 Tensor = torch.Tensor
-T = TypeVar("T")
 
-NON_FINITE_NOTE = "NaN/Inf in the input"
-
-TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-
-
-def is_text_encoder(name: str) -> bool:
-    """kohya module names of text-encoder layers start with ``lora_te``."""
-    return name.startswith(TEXT_ENCODER_PREFIXES)
+__all__ = [
+    "resize", "resize_sweep", "decompose_layer", "decompose_lowrank", "decompose_dense", "layer_output",
+    "refactor_factors", "refactor_dense", "to_layer", "is_text_encoder", "layer_is_finite", "raise_non_finite",
+    "run_layers",  # moved to pipeline; re-exported for old callers
+]
 
 
 def layer_is_finite(layer: LayerDelta) -> bool:
     """No NaN/Inf in any of the layer's tensors."""
-    parts = [layer.diff] if isinstance(layer, DiffLayer) else [layer.up, layer.down, layer.mid]
-    return all(t is None or bool(torch.isfinite(t).all()) for t in parts)
+    return not layer_non_finite(layer)
 
 
-def raise_non_finite(bad: Sequence[str], label: str = "input", shown_as: Sequence[str] | None = None) -> None:
-    """Raise :class:`NonFiniteError` for the layers ``bad`` (no-op when empty).
-
-    ``shown_as``: how to print each layer in the message (default: its name).
-    """
-    bad = tuple(bad)
-    if bad:
-        display = list(shown_as) if shown_as is not None else list(bad)
-        shown = ", ".join(display[:8]) + (f" … (+{len(bad) - 8} more)" if len(bad) > 8 else "")
-        raise NonFiniteError(
-            f"{label} has NaN/Inf values in {len(bad)} layer(s): {shown}; the file is damaged or was "
-            f"saved from a diverged training run — re-export it or exclude these layers",
-            names=bad,
-        )
+def layer_non_finite(layer: LayerDelta) -> tuple[str, ...]:
+    """The parts of a layer (``up``, ``down``, ``mid``, ``diff``) that hold NaN/Inf."""
+    if isinstance(layer, DiffLayer):
+        return non_finite_parts([("diff", layer.diff)])
+    return non_finite_parts([("up", layer.up), ("down", layer.down), ("mid", layer.mid)])
 
 
-@dataclass(frozen=True)
-class Refactored:
-    """One layer re-factorised at rank k: ΔW_k = up @ down (2-D fp32, S folded into ``up``)."""
-
-    up: Tensor
-    down: Tensor
-    dec: Decomposition
-    rank: int
-    limit: int  # the largest rank this layer can have: min(out, in·kh·kw, stacked rank)
-    requested: int | None  # the fixed rank asked for this layer (None for dynamic rules)
-
-    @property
-    def spectrum(self) -> Spectrum:
-        return self.dec.spectrum
-
-    @property
-    def capped(self) -> bool:
-        return self.requested is not None and self.requested > self.limit
-
-    def note(self) -> str:
-        if self.capped:
-            return f"rank {self.requested} capped at {self.limit} (the layer's rank limit)"
-        return ""
+# ---------------------------------------------------------------------------------------------
+# Per-layer math: pure functions
+# ---------------------------------------------------------------------------------------------
 
 
-def _choose(
-    dec: Decomposition, limit: int, policy: RankPolicy, kind: LayerKind, is_te: bool
-) -> int:
-    """The rank for a layer whose nonzero singular values are all among the first ``limit``."""
-    spec = dec.spectrum
-    choice = select_rank(
-        Spectrum(spec.values[:limit], spec.fro2, limit),
-        policy.rule,
-        cap=policy.cap(kind, is_te),
-        min_rank=policy.min_rank,
-        kohya_compat=policy.kohya_compat,
-    )
-    return max(1, min(choice.rank, limit))
+def _info(name: str, shape: tuple[int, ...], limit: int, dtype: torch.dtype) -> LayerInfo:
+    return LayerInfo(name=name, kind=LayerKind.of_shape(shape), shape=tuple(shape), is_text_encoder=is_text_encoder(name),
+                     limit=max(1, int(limit)), bytes_per_rank=storage_bytes_per_rank(shape, dtype))
 
 
-def _requested(policy: RankPolicy, kind: LayerKind, is_te: bool) -> int | None:
-    """The rank a fixed rule asks for (conv/TE overrides included); dynamic rules ask for none."""
-    return policy.cap(kind, is_te) if policy.rule.is_fixed else None
-
-
-def refactor_factors(
-    up: Tensor, down: Tensor, policy: RankPolicy, kind: LayerKind, is_te: bool
-) -> Refactored:
-    """Exact re-factorisation of ΔW = up @ down (2-D, scale already folded into ``up``).
+def decompose_lowrank(
+    name: str, shape: tuple[int, ...], up: Tensor, down: Tensor, selectors: Sequence[RankSelector],
+    dtype: torch.dtype,
+) -> Decomposed:
+    """ΔW = up @ down (2-D, scale folded into ``up``) → its exact decomposition (QR trick).
 
     The product has rank ≤ R = up.shape[1], so the limit is min(out, in·kh·kw, R): a larger fixed
-    rank would only add zero columns.
+    rank would only add zero columns. Only the triplets the selectors can use are kept.
     """
     limit = max(1, min(int(up.shape[0]), int(down.shape[1]), int(up.shape[1])))
-    cap = policy.cap(kind, is_te)
-    # a fixed rank is known before the spectrum: ask for just those triplets
-    wanted = min(cap, limit) if policy.rule.is_fixed and cap is not None else None
+    info = _info(name, shape, limit, dtype)
+    wants = [s.needed(info) for s in selectors]
+    wanted = None if any(w is None for w in wants) else max(wants)  # a fixed rank: just those triplets
     dec = decompose_factored(up, down, k=wanted)
-    k = _choose(dec, limit, policy, kind, is_te)
-    new_up, new_down = split_factors(dec, k)
-    return Refactored(new_up, new_down, dec, k, limit, _requested(policy, kind, is_te))
+    return Decomposed(info, dec, exact_beyond_limit=True)
 
 
-def refactor_dense(delta: Tensor, policy: RankPolicy, kind: LayerKind, is_te: bool) -> Refactored:
+def decompose_dense(
+    name: str, shape: tuple[int, ...], delta: Tensor, selectors: Sequence[RankSelector], dtype: torch.dtype,
+) -> Decomposed:
     """Exact decomposition of a dense 2-D ΔW; the complete spectrum decides every rule exactly."""
     p = int(min(delta.shape))
-    delta = delta.float()
-    need = policy.needed_values(p, kind, is_te)
-    dec = decompose(delta, need, method=SvdMethod.EXACT, full_spectrum=True)
-    k = _choose(dec, p, policy, kind, is_te)
-    if k > dec.rank:
-        dec = decompose(delta, k, method=SvdMethod.EXACT, full_spectrum=True)
-    new_up, new_down = split_factors(dec, k)
-    return Refactored(new_up, new_down, dec, k, p, _requested(policy, kind, is_te))
+    info = _info(name, shape, p, dtype)
+    wants = [s.needed(info) for s in selectors]
+    first = max([w for w in wants if w is not None] or [min(p, 64)])
+    layer = Decomposed(info, decompose(delta, first, method=SvdMethod.EXACT, full_spectrum=True), exact_beyond_limit=False)
+    k = triplets_needed(selectors, layer)
+    if k > layer.dec.rank:
+        layer = Decomposed(info, decompose(delta, k, method=SvdMethod.EXACT, full_spectrum=True))
+    return layer
 
 
-def layer_stat(
-    name: str,
-    shape: tuple[int, ...],
-    out_layer: LoraLayer,
-    ref: Refactored,
-    *,
-    input_rank: int | None,
-    note: str = "",
-) -> LayerStat:
-    k = ref.rank
-    notes = [n for n in (ref.note(), note) if n]
-    # every nonzero singular value kept: the re-factorisation is exact (round-off only), while
-    # √(‖ΔW‖² − Σ S²) would report its fp32 cancellation floor (~3e-4·‖ΔW‖)
-    error = 0.0 if k >= ref.limit else ref.dec.error(k)
-    optimal = 0.0 if k >= ref.limit else ref.dec.optimal_error(k)
-    return LayerStat(
-        name=name,
-        kind=LayerKind.of_shape(shape).value,
-        shape=tuple(shape),
-        rank=k,
-        input_rank=input_rank,
-        retained=ref.spectrum.retained(k),
-        error=error,
-        optimal_error=optimal,
-        norm=math.sqrt(max(ref.spectrum.fro2, 0.0)),
-        nbytes=out_layer.nbytes(),
-        status="ok",
-        note="; ".join(notes),
-    )
-
-
-def skipped_stat(name: str, shape: tuple[int, ...], *, input_rank: int | None, note: str) -> LayerStat:
-    return LayerStat(
-        name=name,
-        kind=LayerKind.of_shape(shape).value,
-        shape=tuple(shape),
-        rank=0,
-        input_rank=input_rank,
-        retained=0.0,
-        status="skipped",
-        note=note,
-    )
+def layer_output(layer: Decomposed, decision: RankDecision, *, scale: float, dtype: torch.dtype) -> LoraLayer:
+    """The rank-k plain LoRA layer: alpha/rank kept (``alpha = scale·k``), ΔW_k = scale·up·down."""
+    k = decision.rank
+    up, down = split_factors(layer.dec, k)
+    return to_layer(up / scale, down, scale * k, layer.info.shape, dtype)
 
 
 def to_layer(
@@ -206,82 +128,79 @@ def to_layer(
     return LoraLayer(up=u.to(dtype).contiguous(), down=d.to(dtype).contiguous(), alpha=float(alpha))
 
 
-def _resize_layer(
-    name: str, layer: LayerDelta, policy: RankPolicy, strength: float, dtype: torch.dtype | None
-) -> tuple[LoraLayer | None, LayerStat]:
-    try:
-        return _resize_finite_layer(name, layer, policy, strength, dtype)
-    except NonFiniteError:
-        # the SVD checks its inputs (‖·‖² is not finite) at no extra cost; name the layer instead
-        return None, skipped_stat(name, layer.weight_shape, input_rank=None, note=NON_FINITE_NOTE)
+@dataclass(frozen=True)
+class Refactored:
+    """One layer re-factorised at rank k: ΔW_k = up @ down (2-D fp32, S folded into ``up``)."""
+
+    up: Tensor
+    down: Tensor
+    dec: Decomposition
+    rank: int
+    limit: int
+    capped: bool = False
+
+    @property
+    def spectrum(self) -> Spectrum:
+        return self.dec.spectrum
 
 
-def _resize_finite_layer(
-    name: str, layer: LayerDelta, policy: RankPolicy, strength: float, dtype: torch.dtype | None
-) -> tuple[LoraLayer | None, LayerStat]:
+def _single(layer: Decomposed, policy: RankPolicy) -> Refactored:
+    decision = PolicySelector(policy).decide(layer)
+    up, down = split_factors(layer.dec, decision.rank)
+    return Refactored(up, down, layer.dec, decision.rank, layer.info.limit, decision.capped)
+
+
+def refactor_factors(up: Tensor, down: Tensor, policy: RankPolicy, kind: LayerKind, is_te: bool) -> Refactored:
+    """One rule on ΔW = up @ down (2-D, scale in ``up``): :func:`decompose_lowrank` + the rank."""
+    shape = (int(up.shape[0]), int(down.shape[1])) if kind is not LayerKind.CONV else (int(up.shape[0]), int(down.shape[1]), 1, 1)
+    name = "lora_te_layer" if is_te else "lora_unet_layer"
+    return _single(decompose_lowrank(name, shape, up, down, [PolicySelector(policy)], torch.float32), policy)
+
+
+def refactor_dense(delta: Tensor, policy: RankPolicy, kind: LayerKind, is_te: bool) -> Refactored:
+    """One rule on a dense 2-D ΔW: :func:`decompose_dense` + the rank."""
+    shape = tuple(int(x) for x in delta.shape)
+    name = "lora_te_layer" if is_te else "lora_unet_layer"
+    return _single(decompose_dense(name, shape, delta.float(), [PolicySelector(policy)], torch.float32), policy)
+
+
+_Phase1 = Union[Decomposed, LayerStat]
+
+
+def decompose_layer(
+    name: str, layer: LayerDelta, selectors: Sequence[RankSelector], strength: float, dtype: torch.dtype | None
+) -> _Phase1:
+    """Phase 1 of resize for one layer: its decomposition, or the stat of a layer not written.
+
+    ``extra`` carries what phase 2 needs: ``scale`` (the alpha/rank kept), ``dtype``, ``mid``/``dense``.
+    """
     shape = layer.weight_shape
-    kind, is_te = layer.kind, is_text_encoder(name)
+    bad = layer_non_finite(layer)
+    if bad:
+        return skipped_stat(name, shape, SkipReason.NON_FINITE, note=f"NaN/Inf in {', '.join(bad)}", non_finite=bad)
     if isinstance(layer, DiffLayer):
         delta = as_matrix(layer.delta()) * strength
         if not bool(delta.any()):
-            return None, skipped_stat(name, shape, input_rank=None, note="empty: ΔW is zero")
-        ref = refactor_dense(delta, policy, kind, is_te)
-        out = to_layer(ref.up, ref.down, float(ref.rank), shape, dtype or layer.diff.dtype)
-        return out, layer_stat(name, shape, out, ref, input_rank=None, note="dense input → LoRA")
+            return skipped_stat(name, shape, SkipReason.EMPTY, note="empty: ΔW is zero", dense_input=True)
+        out_dtype = dtype or layer.diff.dtype
+        d = decompose_dense(name, shape, delta, selectors, out_dtype)
+        d.extra.update(scale=1.0, dtype=out_dtype, dense=True)
+        return d
     scale = layer.scale
     if scale == 0.0:
-        if not layer_is_finite(layer):
-            raise NonFiniteError("non-finite factors", names=(name,))
-        return None, skipped_stat(name, shape, input_rank=layer.rank, note="empty: alpha is 0")
+        return skipped_stat(name, shape, SkipReason.EMPTY, input_rank=layer.rank, note="empty: alpha is 0")
     up = layer.up_matrix() * (strength * scale)
-    ref = refactor_factors(up, layer.down_matrix(), policy, kind, is_te)
-    if ref.spectrum.fro2 <= 0.0:
-        return None, skipped_stat(name, shape, input_rank=layer.rank, note="empty: ΔW is zero")
-    # keep alpha/rank: ΔW_k = scale · (up_k / scale) @ down_k with alpha = scale · k
-    out = to_layer(ref.up / scale, ref.down, scale * ref.rank, shape, dtype or layer.up.dtype)
-    note = "LoCon mid folded" if layer.mid is not None else ""
-    return out, layer_stat(name, shape, out, ref, input_rank=layer.rank, note=note)
+    out_dtype = dtype or layer.up.dtype
+    d = decompose_lowrank(name, shape, up, layer.down_matrix(), selectors, out_dtype)
+    if d.spectrum.fro2 <= 0.0:
+        return skipped_stat(name, shape, SkipReason.EMPTY, input_rank=layer.rank, note="empty: ΔW is zero")
+    d.extra.update(scale=scale, dtype=out_dtype, input_rank=layer.rank, mid=layer.mid is not None)
+    return d
 
 
-def run_layers(
-    fn: Callable[[str], T], names: Sequence[str], *, workers: int = 1, progress: ProgressFn | None = None
-) -> list[T]:
-    """``[fn(name) for name in names]``, optionally on ``workers`` threads, reporting progress in order.
-
-    With ``workers > 1`` each worker runs its torch ops single-threaded (layer-level parallelism:
-    two 1-thread layers at once degrade gracefully on a busy machine, where 2-thread BLAS calls on
-    small matrices can be 10× slower than 1 thread). The torch thread count is restored afterwards.
-    The progress callback runs on the calling thread and may raise to cancel: queued layers are
-    dropped, running ones finish, the exception propagates.
-    """
-    total = len(names)
-
-    def call(name: str) -> T:
-        with torch.no_grad():  # grad mode is per thread
-            return fn(name)
-
-    if workers <= 1 or total <= 1:
-        results = []
-        try:
-            for i, name in enumerate(names):
-                results.append(call(name))
-                report(progress, i + 1, total, name)
-            return results
-        finally:
-            release_free_memory()
-    before = torch.get_num_threads()
-    pool = ThreadPoolExecutor(max_workers=int(workers), initializer=torch.set_num_threads, initargs=(1,))
-    try:
-        futures = [pool.submit(call, name) for name in names]
-        results = []
-        for i, (name, future) in enumerate(zip(names, futures)):
-            results.append(future.result())
-            report(progress, i + 1, total, name)
-        return results
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(before)
-        release_free_memory()
+# ---------------------------------------------------------------------------------------------
+# The operation
+# ---------------------------------------------------------------------------------------------
 
 
 def _dim_text(ranks: Mapping[str, int]) -> str:
@@ -310,7 +229,7 @@ def resize(
         strength: multiplies every ΔW (folded into ``up``; any finite nonzero value, sign included).
         progress: called after each layer as ``progress(done, total, name)``; may raise to cancel.
         dtype: output tensor dtype; None keeps each layer's input dtype.
-        workers: layers resized concurrently, each with one torch thread (see :func:`run_layers`);
+        workers: layers resized concurrently, each with one torch thread (:func:`pipeline.iter_layers`);
             2 on a 2-core machine. The result is the same up to float round-off.
 
     Returns:
@@ -318,26 +237,66 @@ def resize(
         output layers are plain LoRA with alpha/rank kept (dense inputs: alpha = k).
 
     Raises:
-        NonFiniteError: NaN/Inf in input layers, all of them named (detected by the SVD's own
-            norm check during the pass, so it is raised after the last layer).
+        NonFiniteError: NaN/Inf in input layers, all of them named (raised after the last layer).
         RankwiseError: a zero or non-finite strength, or an empty input.
     """
+    return resize_sweep(lora, [policy], strength=strength, progress=progress, dtype=dtype, workers=workers)[0]
+
+
+@torch.no_grad()
+def resize_sweep(
+    lora: Lora,
+    policies: Sequence[RankPolicy | RankSelector],
+    *,
+    strength: float = 1.0,
+    progress: ProgressFn | None = None,
+    dtype: torch.dtype | None = None,
+    workers: int = 1,
+) -> list[tuple[Lora, Report]]:
+    """One resized LoRA per policy (or :class:`~.pipeline.RankSelector`) from a single pass: each
+    layer is decomposed once and every rule picks its rank from the same exact spectrum."""
     strength = float(strength)
     if not math.isfinite(strength) or strength == 0.0:
         raise RankwiseError(f"strength must be a finite nonzero number, got {strength}")
     if len(lora) == 0:
         raise RankwiseError("the input LoRA has no layers to resize")
+    if not policies:
+        raise ValueError("resize_sweep needs at least one rank policy")
+    selectors = selectors_of(policies)
     names = list(lora.layers)
-    results = run_layers(
-        lambda name: _resize_layer(name, lora.layers[name], policy, strength, dtype),
-        names, workers=workers, progress=progress,
-    )
-    raise_non_finite([stat.name for _, stat in results if stat.note == NON_FINITE_NOTE])
-    layers = {name: out for name, (out, _) in zip(names, results) if out is not None}
-    stats = [stat for _, stat in results]
+    outs: list[dict[str, LoraLayer]] = [{} for _ in selectors]
+    stats: list[list[LayerStat]] = [[] for _ in selectors]
 
+    def emit(d: Decomposed, decisions: Sequence[RankDecision]) -> None:
+        x = d.extra
+        note = "LoCon mid folded" if x.get("mid") else ("dense input → LoRA" if x.get("dense") else "")
+        for out, st, decision in zip(outs, stats, decisions):
+            layer = layer_output(d, decision, scale=x["scale"], dtype=x["dtype"])
+            out[d.info.name] = layer
+            st.append(layer_stat(d, decision, layer, input_rank=x.get("input_rank"), note=note,
+                                 dense_input=bool(x.get("dense"))))
+
+    def on_skip(stat: LayerStat) -> None:
+        for st in stats:
+            st.append(stat)
+
+    phase = RankPhase(selectors, emit, on_skip)
+    layers = lora.layers
+    for result in iter_layers(lambda n: decompose_layer(n, layers[n], selectors, strength, dtype), names,
+                              workers=workers, progress=progress):
+        if isinstance(result, LayerStat):
+            phase.skip(result)
+        else:
+            phase.add(result)
+    phase.finish()
+    raise_non_finite([s.name for s in stats[0] if s.non_finite])
+    return [_finish(lora, sel, out, st, strength) for sel, out, st in zip(selectors, outs, stats)]
+
+
+def _finish(lora: Lora, selector: RankSelector, layers: dict[str, LoraLayer], stats: list[LayerStat],
+            strength: float) -> tuple[Lora, Report]:
     notes: list[str] = []
-    capped = [s.name for s in stats if "capped" in s.note]
+    capped = [s.name for s in stats if s.capped]
     if capped:
         notes.append(f"{len(capped)} layer(s) capped at their rank limit (e.g. {capped[0]})")
     dense = sum(isinstance(layer, DiffLayer) for layer in lora.layers.values())
@@ -346,20 +305,24 @@ def resize(
     mids = sum(isinstance(layer, LoraLayer) and layer.mid is not None for layer in lora.layers.values())
     if mids:
         notes.append(f"{mids} LoCon/Tucker layer(s) folded to plain LoRA")
-    empty = [s.name for s in stats if s.status == "skipped"]
+    empty = [s.name for s in stats if s.skip is SkipReason.EMPTY]
     if empty:
         notes.append(f"{len(empty)} layer(s) with a zero ΔW dropped (e.g. {empty[0]})")
+    fallbacks = [s.name for s in stats if s.fallback]
+    if fallbacks:
+        notes.append(f"{len(fallbacks)} layer(s) needed an SVD fallback (e.g. {fallbacks[0]})")
 
+    label = selector.label
     old_dim = lora.metadata.get("ss_network_dim") or _dim_text(lora.ranks())
     new_dim = _dim_text({n: layer.rank for n, layer in layers.items()})
-    comment = f"dimension is resized from {old_dim} to {new_dim}; rankwise resize {policy.describe()}"
+    comment = f"dimension is resized from {old_dim} to {new_dim}; rankwise resize {label}"
     if strength != 1.0:
         comment += f", strength {strength:g}"
-    params = {"rule": policy.describe(), "strength": f"{strength:g}"}
+    params = {"rule": label, "strength": f"{strength:g}"}
     out = Lora(layers=layers, metadata={}, arch=lora.arch)
     metadata = build_metadata(
         out,
-        title=lora.metadata.get("modelspec.title") or f"resized LoRA ({policy.describe()})",
+        title=lora.metadata.get("modelspec.title") or f"resized LoRA ({label})",
         method="resize",
         params=params,
         carry=lora.metadata,

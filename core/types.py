@@ -51,6 +51,23 @@ class LayerKind(str, enum.Enum):
         raise ValueError(f"not a Linear or Conv2d weight shape: {tuple(shape)}")
 
 
+class LayerStatus(str, enum.Enum):
+    """What happened to one layer of an operation (the report's ``status`` column, a string in JSON)."""
+
+    OK = "ok"
+    FALLBACK = "fallback"  # written, but the decomposition needed a rung of the fallback ladder
+    SKIPPED = "skipped"  # not written; ``SkipReason`` says why
+
+
+class SkipReason(str, enum.Enum):
+    """Why a layer was not written."""
+
+    NEAR_ZERO = "near_zero"  # extract: ‖ΔW‖/‖W‖ below the threshold
+    EMPTY = "empty"  # ΔW is exactly zero, cancels in a merge, or has weight 0
+    FILTERED = "filtered"  # left out by the LayerFilter
+    NON_FINITE = "non_finite"  # NaN/Inf in an input (the operation then raises NonFiniteError)
+
+
 def as_matrix(weight: Tensor) -> Tensor:
     """View a Linear/Conv weight (or delta) as the 2-D matrix ``out × in·kh·kw``."""
     if weight.dim() == 2:

@@ -8,15 +8,16 @@ from ..core.archs import LayerPreset, detect_lora_arch
 from ..core.blocks import parse_block_weights
 from ..core.errors import RankwiseError
 from ..core.extract import ExtractOptions, ExtractResult, TextEncoderMode, extract_sweep_detailed
-from ..core.merge import MergeInput, MergeMode, merge
-from ..core.resize import resize
+from ..core.merge import MergeInput, MergeMode, merge_sweep
+from ..core.pipeline import LayerFilter
+from ..core.resize import resize_sweep
 from ..core.spectrum import render_spectrum, select_layers_for_plot
 from ..core.svd import SvdMethod
 from ..core.types import Lora
 from . import comfy_glue as glue
 from .pair import ModelPair
 from .sockets import CATEGORY, LoraSocket, PairSocket
-from .widgets import (merge_ratios, parse_filters, parse_policies, pil_to_image, placeholder_image, single_policy, sweep_labels,
+from .widgets import (merge_ratios, parse_filters, parse_policies, pil_to_image, placeholder_image, sweep_labels,
                       widget_problem)
 
 RULES_TOOLTIP = (
@@ -157,13 +158,11 @@ class RankwiseResizeLoRA(io.ComfyNode):
                 strength: float) -> io.NodeOutput:
         policies = parse_policies(rules, max_rank=max_rank, conv_rank=conv_rank, te_rank=te_rank, min_rank=min_rank)
         labels = sweep_labels(policies)
-        progress = glue.progress_bar()
-        loras, reports, summaries = [], [], []
-        for policy, label in zip(policies, labels):
-            out, rep = resize(lora, policy, strength=float(strength), progress=progress)
-            loras.append(out)
-            reports.append(rep.to_table())
-            summaries.append(f"[{label}]\n{rep.summary()}")
+        # one pass: every layer is re-factorised once and each rule picks its rank from that spectrum
+        results = resize_sweep(lora, policies, strength=float(strength), progress=glue.progress_bar())
+        loras = [out for out, _ in results]
+        reports = [rep.to_table() for _, rep in results]
+        summaries = [f"[{label}]\n{rep.summary()}" for label, (_, rep) in zip(labels, results)]
         return io.NodeOutput(loras, reports, labels, ui=ui.PreviewText("\n\n".join(summaries)))
 
 
@@ -193,7 +192,8 @@ class RankwiseMergeLoRAs(io.ComfyNode):
                 io.Combo.Input("mode", options=MergeMode, default=MergeMode.CONCAT,
                                tooltip="concat: exact, ranks add up. svd: exact sum re-compressed to the rank rule."),
                 io.String.Input("rules", default="64",
-                                tooltip="Rank rule for svd mode (one rule, e.g. \"64\" or \"sv_fro:0.95\"); unused by concat."),
+                                tooltip="Rank rule(s) for svd mode (\"64\", \"sv_fro:0.95\"); a comma list gives one "
+                                        "merged LoRA per rule from one pass. Unused by concat."),
                 io.Int.Input("conv_rank", default=0, min=0, max=4096,
                              tooltip="svd mode: rank (or limit) of 3×3 conv layers. 0 = same as the rule."),
                 io.String.Input("block_weights", default="", multiline=False,
@@ -206,8 +206,12 @@ class RankwiseMergeLoRAs(io.ComfyNode):
                                         "Plain words match anywhere. Empty = all layers."),
             ],
             outputs=[
-                LoraSocket.Output(display_name="lora", tooltip="The merged LoRA."),
-                io.String.Output(display_name="report", tooltip="Per-layer table and notes (partial layers, cancellations)."),
+                LoraSocket.Output(display_name="lora", is_output_list=True,
+                                  tooltip="The merged LoRA (svd mode: one per rule)."),
+                io.String.Output(display_name="report", is_output_list=True,
+                                 tooltip="Per-layer table and notes (partial layers, cancellations)."),
+                io.String.Output(display_name="label", is_output_list=True,
+                                 tooltip="A short label per LoRA (\"concat\", \"rank 64\", \"sv_fro 0.95\")."),
             ],
         )
 
@@ -216,7 +220,7 @@ class RankwiseMergeLoRAs(io.ComfyNode):
         if mode is not None and mode not in [m.value for m in MergeMode]:
             return f"mode must be one of {[m.value for m in MergeMode]}, got {mode!r}"
         if mode == MergeMode.SVD.value and rules is not None:
-            problem = widget_problem(single_policy, rules)
+            problem = widget_problem(parse_policies, rules)
             if problem:
                 return problem
         if filters is not None:
@@ -239,11 +243,14 @@ class RankwiseMergeLoRAs(io.ComfyNode):
             weights = parse_block_weights(block_weights, arch)
         inputs = [MergeInput(lora=lo, ratio=r, name=f"lora_{i}", block_weights=weights) for i, lo, r in slots]
         merge_mode = MergeMode(mode)
-        policy = single_policy(rules, conv_rank=conv_rank) if merge_mode is MergeMode.SVD else None
+        policies = parse_policies(rules, conv_rank=conv_rank) if merge_mode is MergeMode.SVD else []
+        labels = sweep_labels(policies) if policies else ["concat"]
         include, exclude = parse_filters(filters)
-        out, rep = merge(inputs, mode=merge_mode, policy=policy, progress=glue.progress_bar(),
-                         include=include, exclude=exclude)
-        return io.NodeOutput(out, rep.to_table(), ui=ui.PreviewText(rep.summary()))
+        results = merge_sweep(inputs, policies, mode=merge_mode, progress=glue.progress_bar(),
+                              layer_filter=LayerFilter(include, exclude))
+        summary = "\n\n".join(f"[{label}]\n{rep.summary()}" for label, (_, rep) in zip(labels, results))
+        return io.NodeOutput([out for out, _ in results], [rep.to_table() for _, rep in results], labels,
+                             ui=ui.PreviewText(summary))
 
 
 class RankwiseLoRAInfo(io.ComfyNode):

@@ -139,8 +139,8 @@ def single_policy(rules: str, **limits: int) -> RankPolicy:
     policies = parse_policies(rules, **limits)
     if len(policies) != 1:
         raise RankwiseError(
-            f"rank rules {rules!r} name {len(policies)} rules; this node takes one (a sweep is only "
-            f"possible in Extract LoRA and Resize LoRA)"
+            f"rank rules {rules!r} name {len(policies)} rules; this node takes one (sweeps: Extract LoRA, "
+            f"Resize LoRA, Merge LoRAs in svd mode)"
         )
     return policies[0]
 

@@ -14,6 +14,7 @@ import torch
 
 from rankwise.core.errors import NonFiniteError, RankwiseError
 from rankwise.core.rank import RankPolicy, RankRule
+from rankwise.core.errors import Cancelled
 from rankwise.core.resize import refactor_factors, resize
 from rankwise.core.types import Arch, DiffLayer, LayerKind, Lora, LoraLayer, as_matrix
 
@@ -284,11 +285,20 @@ def test_progress_called_per_layer_and_can_cancel(gen):
     resize(lora, RankPolicy(RankRule.parse("2")), progress=lambda d, t, n: calls.append((d, t, n)))
     assert [c[0] for c in calls] == [1, 2, 3, 4] and all(c[1] == 4 for c in calls)
 
-    def cancel(done, total, name):
+    def interrupt(done, total, name):
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        resize(lora, RankPolicy(RankRule.parse("2")), progress=cancel)
+    # Ctrl-C inside the layer loop becomes Cancelled (the CLI prints one line for it)
+    with pytest.raises(Cancelled, match="cancelled after 1 of 4 layers"):
+        resize(lora, RankPolicy(RankRule.parse("2")), progress=interrupt)
+
+    def cancel(done, total, name):
+        if done == 2:
+            raise Cancelled("stop")
+
+    for workers in (1, 2):
+        with pytest.raises(Cancelled, match="stop"):
+            resize(lora, RankPolicy(RankRule.parse("2")), progress=cancel, workers=workers)
 
 
 def test_kohya_compat_adds_one(gen):
@@ -340,5 +350,5 @@ def test_workers_cancel(gen):
     def cancel(done, total, name):
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Cancelled):
         resize(small_lora(gen), RankPolicy(RankRule.parse("2")), workers=2, progress=cancel)

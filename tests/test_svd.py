@@ -8,6 +8,8 @@ import pytest
 import scipy.linalg  # noqa: F401  (imported at collection: the first test should not pay ~0.5 s)
 import torch
 
+import rankwise.core.decompositions as dx
+import rankwise.core.runtime as runtime
 import rankwise.core.svd as svd
 from rw_helpers import RTOL, lowrank
 from rankwise.core.errors import MismatchError, NonFiniteError, RankwiseError
@@ -186,7 +188,7 @@ def test_fast_is_accurate_and_its_estimate_is_conservative(gen, kind):
 
 @pytest.mark.parametrize("form", [True, False], ids=["gram-formed", "gram-applied"])
 def test_fast_both_gram_operators_agree(gen, monkeypatch, form):
-    monkeypatch.setattr(svd, "_form_gram", lambda *args: form)
+    monkeypatch.setattr(dx, "form_gram", lambda *args: form)
     A = heavy_tail(300, 900, generator=gen)
     dec = decompose(A, 12, method=SvdMethod.FAST)
     assert dec.method == "krylov"
@@ -341,14 +343,14 @@ def test_fp16_overflow_is_caught_after_upcast():
 
 def test_primary_failure_takes_the_fallback_and_says_so(gen, monkeypatch):
     A = torch.randn(120, 300, generator=gen)
-    original = svd._gram_eigh
+    original = dx.gram_eigh
 
     def flaky(W, k, full, driver="evr"):
         if driver == "evr":
             raise torch.linalg.LinAlgError("induced: the algorithm failed to converge")
         return original(W, k, full, driver=driver)
 
-    monkeypatch.setattr(svd, "_gram_eigh", flaky)
+    monkeypatch.setattr(dx, "gram_eigh", flaky)
     dec = decompose(A, 10)
     assert dec.notes == ("eigh driver evd (gram-eigh: LinAlgError)",)
     assert dec.error(10) == pytest.approx(optimal_error(A, 10), rel=1e-5)
@@ -360,7 +362,7 @@ def test_ladder_reaches_float64_thin_svd(gen, monkeypatch):
     def broken(*args, **kwargs):
         raise torch.linalg.LinAlgError("induced")
 
-    monkeypatch.setattr(svd, "_gram_eigh", broken)
+    monkeypatch.setattr(dx, "gram_eigh", broken)
     dec = decompose(A, 10)
     assert [note.split(" (")[0] for note in dec.notes] == ["eigh driver evd", "float64", "thin-svd float64, rescaled"]
     assert dec.error(10) == pytest.approx(optimal_error(A, 10), rel=1e-5)
@@ -368,13 +370,13 @@ def test_ladder_reaches_float64_thin_svd(gen, monkeypatch):
 
 def test_non_finite_output_is_a_failure_not_a_result(gen, monkeypatch):
     A = torch.randn(80, 200, generator=gen)
-    original = svd._gram_eigh
+    original = dx.gram_eigh
 
     def nan_values(W, k, full, driver="evr"):
         res = original(W, k, full, driver=driver)
         return res._replace(S=torch.full_like(res.S, math.nan)) if driver == "evr" else res
 
-    monkeypatch.setattr(svd, "_gram_eigh", nan_values)
+    monkeypatch.setattr(dx, "gram_eigh", nan_values)
     dec = decompose(A, 5)
     assert dec.notes and dec.notes[0].startswith("eigh driver evd")
     assert bool(torch.isfinite(dec.S).all())
@@ -382,13 +384,13 @@ def test_non_finite_output_is_a_failure_not_a_result(gen, monkeypatch):
 
 def test_silent_zeros_are_rejected(gen, monkeypatch):
     A = torch.randn(80, 200, generator=gen)
-    original = svd._gram_eigh
+    original = dx.gram_eigh
 
     def zeros(W, k, full, driver="evr"):
         res = original(W, k, full, driver=driver)
         return res._replace(S=torch.zeros_like(res.S)) if driver == "evr" else res
 
-    monkeypatch.setattr(svd, "_gram_eigh", zeros)
+    monkeypatch.setattr(dx, "gram_eigh", zeros)
     dec = decompose(A, 5)
     assert dec.notes and float(dec.S[0]) > 0
 
@@ -397,8 +399,8 @@ def test_every_fallback_failing_raises(gen, monkeypatch):
     def broken(*args, **kwargs):
         raise torch.linalg.LinAlgError("induced")
 
-    monkeypatch.setattr(svd, "_gram_eigh", broken)
-    monkeypatch.setattr(svd, "_thin_svd_rescaled", broken)
+    monkeypatch.setattr(dx, "gram_eigh", broken)
+    monkeypatch.setattr(dx, "thin_svd_rescaled", broken)
     with pytest.raises(RankwiseError, match="failed on every fallback"):
         decompose(torch.randn(60, 90, generator=gen), 4)
 
@@ -407,7 +409,7 @@ def test_fast_failure_falls_back_to_exact(gen, monkeypatch):
     def broken(*args, **kwargs):
         raise torch.linalg.LinAlgError("induced")
 
-    monkeypatch.setattr(svd, "_fast_krylov", broken)
+    monkeypatch.setattr(dx, "block_krylov", broken)
     A = heavy_tail(300, 700, generator=gen)
     dec = decompose(A, 8, method=SvdMethod.FAST)
     assert dec.method == "gram-eigh"
@@ -415,14 +417,14 @@ def test_fast_failure_falls_back_to_exact(gen, monkeypatch):
 
 
 def test_factored_fallback_to_float64(gen, monkeypatch):
-    original = svd._qr_factored
+    original = dx.qr_factored
 
     def fp32_fails(up, down, k=None):
         if up.dtype == torch.float32:
             raise torch.linalg.LinAlgError("induced")
         return original(up, down, k)
 
-    monkeypatch.setattr(svd, "_qr_factored", fp32_fails)
+    monkeypatch.setattr(dx, "qr_factored", fp32_fails)
     dec = decompose_factored(torch.randn(50, 5, generator=gen), torch.randn(5, 40, generator=gen))
     assert dec.notes == ("float64 (qr-factored: LinAlgError)",) and dec.S.dtype == torch.float32
 
@@ -442,7 +444,7 @@ def test_out_of_memory_retries_on_cpu(gen, monkeypatch):
 
 
 def test_torch_only_path_without_scipy(gen, monkeypatch):
-    monkeypatch.setattr(svd, "_scipy", lambda: None)
+    monkeypatch.setattr(runtime, "scipy_linalg", lambda: None)
     A = heavy_tail(300, 700, generator=gen)
     exact = decompose(A, 8, full_spectrum=True)
     fast = decompose(A, 8, method=SvdMethod.FAST)

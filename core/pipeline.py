@@ -1,0 +1,574 @@
+"""The one layer loop of extract, resize and merge.
+
+Every operation is the same pipeline over layers::
+
+    read (ahead, in a thread)  →  phase 1: decompose  →  phase 2: choose ranks  →  build layers + stats
+                                   (once per layer)        (every rule of a sweep, same spectrum)
+
+This module owns everything around the per-layer math, which lives in :mod:`.extract`,
+:mod:`.resize` and :mod:`.merge` as small functions (ΔW → decomposition; factors → decomposition):
+
+* :class:`LayerFilter` — the one include/exclude semantics for layer names.
+* :class:`ReadAhead` — a bounded read-ahead thread (extract reads two checkpoints while it decomposes).
+* :func:`iter_layers` / :func:`run_layers` — workers, progress and cancellation, memory hand-back.
+* :class:`RankSelector` / :class:`PolicySelector` / :class:`RankPhase` — the two-phase rank choice
+  (see *Two phases* below).
+* :func:`layer_stat` / :func:`skipped_stat` — the one :class:`~.report.LayerStat` builder.
+* the non-finite policy is :mod:`.finite` (re-exported here).
+
+Two phases
+----------
+Phase 1 turns a layer into a :class:`Decomposed`: its :class:`~.svd.Decomposition` (the spectrum
+plus the leading triplets) and what the rank rules need to know about it (:class:`LayerInfo`).
+Phase 2 asks each :class:`RankSelector` of the sweep for a :class:`RankDecision` per layer and
+builds one output per selector from the same triplets.
+
+* A **per-layer** selector (``is_global = False``; every :class:`~.rank.RankPolicy`) decides from
+  one layer's spectrum. :class:`RankPhase` then runs phase 2 as soon as a layer is decomposed, and
+  the triplets are dropped right after: no extra memory.
+* A **global** selector (``is_global = True``; e.g. a size budget over the whole file) needs every
+  layer's spectrum before it can choose any rank. :class:`RankPhase` then keeps each layer's
+  :class:`Decomposed`, truncated to the largest rank any selector may choose for it
+  (:meth:`RankSelector.needed`, fp32), until the last layer; then it calls
+  ``select(all_layers)`` once and builds every output. ``LayerInfo.rank_bytes`` gives the exact
+  size of the stored layer at any rank (for byte budgets).
+
+Progress and cancellation
+-------------------------
+``progress(done, total, label)`` is called after each layer on the calling thread. It may raise
+anything to cancel (ComfyUI's interrupt exception, :class:`~.errors.Cancelled`); queued layers
+are dropped, running ones finish, the exception propagates unchanged. A ``KeyboardInterrupt``
+during the loop is turned into :class:`~.errors.Cancelled` (the command line prints one line).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Callable, Generic, Iterable, Iterator, Protocol, Sequence, TypeVar, runtime_checkable
+
+import torch
+
+from .errors import Cancelled
+from .finite import non_finite_parts, overflows, raise_non_finite  # noqa: F401  (the one policy)
+from .memory import release_free_memory
+from .progress import ProgressFn, report as report_progress
+from .rank import RankPolicy, Spectrum, select_rank
+from .report import LayerStat
+from .svd import Decomposition
+from .types import LayerKind, LayerStatus, LoraLayer, SkipReason
+
+Tensor = torch.Tensor
+T = TypeVar("T")
+R = TypeVar("R")
+
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+
+
+def is_text_encoder(name: str) -> bool:
+    """kohya module names of text-encoder layers start with ``lora_te``."""
+    return name.startswith(TEXT_ENCODER_PREFIXES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer filter
+# ---------------------------------------------------------------------------------------------
+
+_GLOB = "*?["
+
+
+@dataclass(frozen=True)
+class LayerFilter:
+    """Which layers an operation touches, by kohya module name (``lora_unet_…``, ``lora_te1_…``).
+
+    One semantics everywhere (extract, merge, the nodes' filter widgets, the command line):
+
+    * a pattern with a glob character (``*``, ``?``, ``[``) is a shell glob matched against the
+      whole name with :func:`fnmatch.fnmatchcase` (``lora_unet_*attn2*``);
+    * a pattern without one is a case-sensitive **substring** (``attn2`` = ``*attn2*``);
+    * a layer is kept when it matches some ``include`` pattern (or ``include`` is empty) and no
+      ``exclude`` pattern.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "include", tuple(str(p) for p in self.include if str(p)))
+        object.__setattr__(self, "exclude", tuple(str(p) for p in self.exclude if str(p)))
+
+    @staticmethod
+    def matches(name: str, pattern: str) -> bool:
+        if any(c in pattern for c in _GLOB):
+            return fnmatch.fnmatchcase(name, pattern)
+        return pattern in name
+
+    def selects(self, name: str) -> bool:
+        if self.include and not any(self.matches(name, p) for p in self.include):
+            return False
+        return not any(self.matches(name, p) for p in self.exclude)
+
+    @property
+    def everything(self) -> bool:
+        return not self.include and not self.exclude
+
+    def params(self) -> dict[str, str]:
+        """Report/metadata parameters (empty entries left out)."""
+        out = {}
+        if self.include:
+            out["include"] = ",".join(self.include)
+        if self.exclude:
+            out["exclude"] = ",".join(self.exclude)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-ahead
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot(Generic[R]):
+    value: R | None = None
+    error: BaseException | None = None
+
+
+class ReadAhead(Generic[T, R]):
+    """``read(item)`` for every item, up to ``depth`` items ahead of the consumer, in a daemon thread.
+
+    ``with ReadAhead(items, read, depth) as values: for v in values: …``. With ``depth == 0`` it
+    reads in the caller's thread. An exception raised by ``read`` is re-raised by the consumer at
+    that item's position; leaving the ``with`` (normally, by an error or a cancel) stops the thread.
+    """
+
+    def __init__(self, items: Sequence[T], read: Callable[[T], R], depth: int = 1,
+                 name: str = "rankwise-read-ahead") -> None:
+        self._items = tuple(items)
+        self._read = read
+        self._depth = int(depth)
+        self._name = name
+        self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Iterator[R]:
+        if self._depth <= 0:
+            return (self._read(item) for item in self._items)
+        self._queue = queue.Queue(maxsize=self._depth)
+        self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+        self._thread.start()
+        return self._consume()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                try:  # unblock a producer waiting on a full queue
+                    self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._thread.join()
+
+    def _consume(self) -> Iterator[R]:
+        for _ in self._items:
+            slot = self._queue.get()
+            if slot.error is not None:
+                raise slot.error
+            yield slot.value
+
+    def _work(self) -> None:
+        for item in self._items:
+            if self._stop.is_set():
+                return
+            slot: _Slot = _Slot()
+            try:
+                with torch.no_grad():
+                    slot.value = self._read(item)
+            except BaseException as e:  # noqa: BLE001 — handed to the consumer
+                slot.error = e
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(slot, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if slot.error is not None:
+                return
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers, progress, cancellation, memory
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerLoop:
+    """Context for one operation's layer loop: progress after each layer, ``KeyboardInterrupt`` →
+    :class:`Cancelled`, and freed heap memory handed back to the OS at the end (:mod:`.memory`)."""
+
+    def __init__(self, total: int, progress: ProgressFn | None) -> None:
+        self.total = int(total)
+        self.progress = progress
+        self.done = 0
+
+    def tick(self, label: str) -> None:
+        self.done += 1
+        report_progress(self.progress, self.done, self.total, label)
+
+    def __enter__(self) -> "LayerLoop":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        release_free_memory()
+        if exc_type is KeyboardInterrupt:
+            raise Cancelled(f"cancelled after {self.done} of {self.total} layers") from exc
+        return False
+
+
+def iter_layers(
+    fn: Callable[[str], R], names: Sequence[str], *, workers: int = 1, progress: ProgressFn | None = None
+) -> Iterator[R]:
+    """``fn(name)`` for each name, in order, optionally on ``workers`` threads, with progress.
+
+    With ``workers > 1`` each worker runs its torch ops single-threaded (layer-level parallelism:
+    two 1-thread layers at once degrade gracefully on a busy machine, where 2-thread BLAS calls on
+    small matrices can be 10× slower than 1 thread). The torch thread count is restored afterwards.
+    See the module docstring for progress and cancellation.
+    """
+    names = list(names)
+    total = len(names)
+
+    def call(name: str) -> R:
+        with torch.no_grad():  # grad mode is per thread
+            return fn(name)
+
+    with LayerLoop(total, progress) as loop:
+        if workers <= 1 or total <= 1:
+            for name in names:
+                result = call(name)
+                loop.tick(name)
+                yield result
+            return
+        before = torch.get_num_threads()
+        pool = ThreadPoolExecutor(max_workers=int(workers), initializer=torch.set_num_threads, initargs=(1,))
+        try:
+            # a bounded window of submitted layers: results are consumed in order, so at most
+            # 2·workers layers are held at once
+            window = 2 * int(workers)
+            futures = [pool.submit(call, name) for name in names[:window]]
+            for i, name in enumerate(names):
+                result = futures[i].result()
+                futures[i] = None  # type: ignore[call-overload]
+                if i + window < total:
+                    futures.append(pool.submit(call, names[i + window]))
+                loop.tick(name)
+                yield result
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(before)
+
+
+def run_layers(
+    fn: Callable[[str], R], names: Sequence[str], *, workers: int = 1, progress: ProgressFn | None = None
+) -> list[R]:
+    """``list(iter_layers(...))``."""
+    return list(iter_layers(fn, names, workers=workers, progress=progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-phase rank choice
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a rank rule may know about a layer before its spectrum.
+
+    ``limit``: the largest meaningful rank, min(out, in·kh·kw, input rank). ``bytes_per_rank``:
+    the stored size of one rank of the output (``(out + in·kh·kw) · element size``), so a layer of
+    rank r costs ``rank_bytes(r)`` bytes in the file (plus ``overhead``: alpha and the like).
+    """
+
+    name: str
+    kind: LayerKind
+    shape: tuple[int, ...]
+    is_text_encoder: bool
+    limit: int
+    bytes_per_rank: int = 0
+    overhead: int = 0
+
+    def rank_bytes(self, rank: int) -> int:
+        return self.overhead + int(rank) * self.bytes_per_rank
+
+
+@dataclass(frozen=True, eq=False)
+class Decomposed:
+    """Phase-1 result of one layer: its decomposition and facts about it.
+
+    ``exact_beyond_limit``: every singular value past ``info.limit`` is exactly zero and the
+    decomposition is exact there (the QR trick), so rank ``limit`` reproduces ΔW to round-off.
+    ``source``: the dense ΔW, kept only while phase 2 runs right away (extract's clamp needs it);
+    :class:`RankPhase` drops it when it must hold the layer. ``extra``: per-operation data phase 2
+    needs (the output dtype, alpha scale…).
+    """
+
+    info: LayerInfo
+    dec: Decomposition
+    exact_beyond_limit: bool = False
+    source: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def spectrum(self) -> Spectrum:
+        return self.dec.spectrum
+
+    def truncated(self, k: int) -> "Decomposed":
+        """The same layer holding only its leading k triplets (fresh tensors), without ``source``."""
+        k = max(0, min(int(k), self.dec.rank))
+        d = self.dec
+        if k < d.rank:
+            gap = None if d.energy_gap is None else d.energy_gap[:k].clone()
+            d = replace(d, U=d.U[:, :k].clone(), S=d.S[:k].clone(), Vh=d.Vh[:k].clone(), energy_gap=gap)
+        return replace(self, dec=d, source=None)
+
+
+@dataclass(frozen=True)
+class RankDecision:
+    """The rank phase 2 gives one layer. ``capped``: a fixed rank asked above the layer's limit."""
+
+    rank: int
+    capped: bool = False
+    requested: int | None = None
+    certain: bool = True
+
+
+@runtime_checkable
+class RankSelector(Protocol):
+    """Chooses ranks from phase-1 results (see the module docstring).
+
+    ``needed(info)``: the largest rank this selector may choose for the layer (None: it cannot tell
+    before the spectrum; phase 1 then provides enough triplets for what it does choose, or, for a
+    global selector, everything up to ``info.limit``). ``select(layers)``: one decision per layer,
+    in order; a per-layer selector is called with one layer at a time, a global one once with all.
+    ``label``: for reports and metadata.
+    """
+
+    is_global: bool
+
+    def needed(self, info: LayerInfo) -> int | None: ...
+
+    def select(self, layers: Sequence[Decomposed]) -> list[RankDecision]: ...
+
+    @property
+    def label(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class PolicySelector:
+    """A :class:`~.rank.RankPolicy` as a per-layer selector."""
+
+    policy: RankPolicy
+    is_global: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.policy.describe()
+
+    def needed(self, info: LayerInfo) -> int | None:
+        cap = self.policy.cap(info.kind, info.is_text_encoder)
+        if cap is None:
+            return None
+        k = min(int(cap), info.limit)
+        if self.policy.kohya_compat and not self.policy.rule.is_fixed:
+            k = min(k + 1, info.limit)
+        return max(k, 1)
+
+    def select(self, layers: Sequence[Decomposed]) -> list[RankDecision]:
+        return [self.decide(layer) for layer in layers]
+
+    def decide(self, layer: Decomposed) -> RankDecision:
+        info, policy = layer.info, self.policy
+        cap = policy.cap(info.kind, info.is_text_encoder)
+        spec = layer.spectrum
+        limit = max(1, info.limit)
+        if spec.full_rank > limit:  # every value past the limit is zero: the rules see [0, limit)
+            spec = Spectrum(spec.values[:limit], spec.fro2, limit)
+        choice = select_rank(spec, policy.rule, cap=cap, min_rank=policy.min_rank,
+                             kohya_compat=policy.kohya_compat)
+        requested = cap if policy.rule.is_fixed else None
+        rank = max(1, min(choice.rank, limit))
+        return RankDecision(rank, capped=requested is not None and requested > limit, requested=requested,
+                            certain=choice.certain)
+
+
+def selectors_of(policies: Sequence[RankPolicy | RankSelector]) -> tuple[RankSelector, ...]:
+    """Policies (or selectors) → selectors."""
+    return tuple(p if not isinstance(p, RankPolicy) else PolicySelector(p) for p in policies)
+
+
+def triplets_needed(selectors: Sequence[RankSelector], layer: Decomposed) -> int:
+    """How many leading triplets phase 2 may use for this layer: the largest per-layer decision
+    and, for each global selector, what it declares it may need (its ``limit`` when None)."""
+    k = 0
+    for s in selectors:
+        if s.is_global:
+            n = s.needed(layer.info)
+            k = max(k, layer.info.limit if n is None else n)
+        else:
+            k = max(k, max(d.rank for d in s.select([layer])))
+    return max(k, 1)
+
+
+def all_certain(selectors: Sequence[RankSelector], layer: Decomposed) -> bool:
+    """Whether the per-layer selectors can decide from the triplets and spectrum held."""
+    return all(all(d.certain for d in s.select([layer])) for s in selectors if not s.is_global)
+
+
+Emit = Callable[[Decomposed, Sequence[RankDecision]], None]
+
+
+class RankPhase:
+    """Phase 2 driver. ``add(layer)`` hands in a decomposed layer, ``skip(payload)`` a layer that
+    was not decomposed (in order), ``finish()`` ends the pass.
+
+    ``emit(layer, decisions)`` (one decision per selector) and ``on_skip(payload)`` are called in
+    the layers' order: right away when every selector is per-layer, after the last layer otherwise
+    (the held layers truncated to :func:`triplets_needed`).
+    """
+
+    def __init__(self, selectors: Sequence[RankSelector], emit: Emit, on_skip: Callable[[object], None]) -> None:
+        if not selectors:
+            raise ValueError("a rank phase needs at least one selector")
+        self.selectors = tuple(selectors)
+        self.emit = emit
+        self.on_skip = on_skip
+        self.is_global = any(s.is_global for s in self.selectors)
+        self._held: list[tuple[bool, object]] = []
+
+    def add(self, layer: Decomposed) -> None:
+        if not self.is_global:
+            self.emit(layer, [s.select([layer])[0] for s in self.selectors])
+            return
+        self._held.append((True, layer.truncated(triplets_needed(self.selectors, layer))))
+
+    def skip(self, payload: object) -> None:
+        if not self.is_global:
+            self.on_skip(payload)
+        else:
+            self._held.append((False, payload))
+
+    def finish(self) -> None:
+        if not self.is_global:
+            return
+        layers = [p for is_layer, p in self._held if is_layer]
+        columns = [s.select(layers) if s.is_global else [s.select([x])[0] for x in layers] for s in self.selectors]
+        for c in columns:
+            if len(c) != len(layers):
+                raise ValueError(f"a rank selector returned {len(c)} decisions for {len(layers)} layers")
+        i = 0
+        held, self._held = self._held, []
+        for is_layer, payload in held:
+            if is_layer:
+                self.emit(payload, [col[i] for col in columns])
+                i += 1
+            else:
+                self.on_skip(payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one LayerStat builder
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_stat(
+    layer: Decomposed,
+    decision: RankDecision,
+    out_layer: LoraLayer,
+    *,
+    input_rank: int | None = None,
+    error: float | None = None,
+    note: str = "",
+    dense_input: bool = False,
+    missing_in: Sequence[str] = (),
+    kept_fp32: bool = False,
+) -> LayerStat:
+    """The row of a written layer. ``error`` overrides the projection-identity error (clamped factors)."""
+    info, dec, k = layer.info, layer.dec, decision.rank
+    exact = layer.exact_beyond_limit and k >= info.limit
+    # every nonzero singular value kept by an exact re-factorisation: the error is round-off, while
+    # √(‖ΔW‖² − Σ S²) would report its fp32 cancellation floor (~3e-4·‖ΔW‖)
+    err = 0.0 if exact else dec.error(k)
+    optimal = 0.0 if exact else dec.optimal_error(k)
+    fallback = dec.fallback
+    notes = []
+    if decision.capped:
+        notes.append(f"rank {decision.requested} capped at {info.limit} (the layer's rank limit)")
+    notes.extend(n for n in (fallback or "", note) if n)
+    return LayerStat(
+        name=info.name,
+        kind=info.kind,
+        shape=info.shape,
+        rank=k,
+        input_rank=input_rank,
+        retained=dec.spectrum.retained(k),
+        error=float(err if error is None else error),
+        optimal_error=float(optimal),
+        norm=math.sqrt(max(dec.spectrum.fro2, 0.0)),
+        nbytes=out_layer.nbytes(),
+        status=LayerStatus.FALLBACK if fallback else LayerStatus.OK,
+        note="; ".join(notes),
+        capped=decision.capped,
+        fallback=fallback,
+        dense_input=dense_input,
+        missing_in=tuple(missing_in),
+        kept_fp32=kept_fp32,
+    )
+
+
+def skipped_stat(
+    name: str,
+    shape: tuple[int, ...],
+    reason: SkipReason,
+    *,
+    input_rank: int | None = None,
+    note: str = "",
+    norm: float = 0.0,
+    non_finite: Sequence[str] = (),
+    missing_in: Sequence[str] = (),
+    dense_input: bool = False,
+) -> LayerStat:
+    """The row of a layer that was not written (near-zero rows keep their error = norm)."""
+    near_zero = reason is SkipReason.NEAR_ZERO
+    return LayerStat(
+        name=name,
+        kind=LayerKind.of_shape(tuple(shape)),
+        shape=tuple(shape),
+        rank=0,
+        input_rank=input_rank,
+        retained=0.0 if (not near_zero or norm > 0) else 1.0,
+        error=norm if near_zero else 0.0,
+        optimal_error=norm if near_zero else 0.0,
+        norm=norm,
+        status=LayerStatus.SKIPPED,
+        note=note,
+        skip=reason,
+        non_finite=tuple(non_finite),
+        missing_in=tuple(missing_in),
+        dense_input=dense_input,
+    )
+
+
+def storage_bytes_per_rank(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes one rank of a plain LoRA layer of this weight shape takes in ``dtype``."""
+    out = int(shape[0])
+    inner = 1
+    for s in shape[1:]:
+        inner *= int(s)
+    return (out + inner) * torch.empty(0, dtype=dtype).element_size()
+
+
+def names_in(stats: Iterable[LayerStat], pred: Callable[[LayerStat], bool]) -> list[str]:
+    return [s.name for s in stats if pred(s)]
