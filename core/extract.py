@@ -115,6 +115,7 @@ class ExtractOptions:
     threads: int | None = None  # torch + OpenBLAS threads during the run (None: leave as is)
     prefetch: int = 1  # layers read ahead by the background thread (0: read in the main thread)
     seed: int = 0
+    exact_parts: bool = False  # also store changed 1-D weights / biases exactly (.diff / .diff_b; generic keys)
 
     @property
     def layer_filter(self) -> LayerFilter:
@@ -140,6 +141,8 @@ class ExtractOptions:
             raise ValueError(f"threads must be ≥ 1 (or None), got {self.threads}")
         if self.prefetch < 0:
             raise ValueError(f"prefetch must be ≥ 0, got {self.prefetch}")
+        if self.exact_parts and self.key_style is not KeyStyle.GENERIC:
+            raise ValueError("exact_parts (.diff / .diff_b) needs the generic key style (ComfyUI-native names)")
 
 
 @dataclass(frozen=True)
@@ -321,8 +324,19 @@ def _run(
     if options.clamp_quantile is not None:
         notes.append(f"factors clamped at the {options.clamp_quantile:g}-quantile of |values| "
                      f"(sampled, ≤ {CLAMP_SAMPLE} values per layer)")
+    if options.exact_parts:  # core.generic: exact .diff / .diff_b parts beside the low-rank layers
+        from .generic import exact_parts
+
+        parts = exact_parts(base, tuned, table)
+        for out in outs:
+            out.layers.update(parts.layers)
+        notes.append(parts.note())
+    from .quant import rounding_notes
+
+    keys = {s.kohya: layer_source_key(s, options.key_style)[0] for s in present}
     frozen_spectra = MappingProxyType(spectra)
-    return [_result(out, notes, base, tuned, options, pair, encoders, frozen_spectra, title) for out in outs]
+    return [_result(out, notes + rounding_notes(base, tuned, out.stats, keys), base, tuned, options, pair,
+                    encoders, frozen_spectra, title) for out in outs]
 
 
 def _layer_info(spec: LayerSpec, dtype: torch.dtype) -> LayerInfo:
@@ -579,7 +593,7 @@ def _params(base: WeightSource, tuned: WeightSource, selector: RankSelector, opt
         "clamp_quantile": "off" if options.clamp_quantile is None else f"{options.clamp_quantile:g}",
         "min_relative_delta": f"{options.min_relative_delta:g}",
         "factor_dtype": _dtype_name(options.factor_dtype),
-        "arch": pair.arch.value,
+        "arch": pair.arch.value if pair.arch is not None else "generic",
         "base": str(base.name),
         "tuned": str(tuned.name),
         **({"include": ",".join(options.include)} if options.include else {}),

@@ -47,7 +47,7 @@ import torch
 from .errors import FormatError, MismatchError, NonFiniteError
 from .finite import is_finite, non_finite_parts
 from .stream_write import StreamItem
-from .types import Arch, DiffLayer, LayerDelta, Lora, LoraLayer
+from .types import Arch, BiasDiffLayer, DiffLayer, LayerDelta, Lora, LoraLayer, bias_module
 
 if TYPE_CHECKING:
     from .archs import KeyTable
@@ -958,6 +958,8 @@ def _alpha_tensor(alpha: float, dtype: torch.dtype) -> Tensor:
 
 
 def _layer_tensors(layer: LayerDelta) -> dict[str, Tensor]:
+    if isinstance(layer, BiasDiffLayer):
+        return {"diff_b": layer.diff}
     if isinstance(layer, DiffLayer):
         return {"diff": layer.diff}
     parts = {"lora_up.weight": layer.up, "lora_down.weight": layer.down}
@@ -991,7 +993,8 @@ def lora_state_items(
 
     Keys: ``<name>.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` (0-d, save dtype unless that
     would round it, then fp32), ``.lora_mid.weight`` for Tucker layers, ``<name>.diff`` for dense
-    layers; ``name_of`` renames the module part. With ``alpha``, every low-rank layer is written
+    layers, ``<module>.diff_b`` for bias layers (named ``<module>.bias`` in the Lora); ``name_of``
+    renames the module part. With ``alpha``, every low-rank layer is written
     with that alpha and its ``up`` scaled by ``alpha_i / alpha`` (ΔW unchanged).
 
     Everything is checked first: :class:`NonFiniteError` names all layers holding NaN/Inf, or
@@ -1013,7 +1016,7 @@ def lora_state_items(
         scale = 1.0
         if isinstance(layer, LoraLayer) and alpha is not None and float(layer.alpha) != float(alpha):
             scale = float(layer.alpha) / float(alpha)
-        prefix = rename(name)
+        prefix = rename(bias_module(name) if isinstance(layer, BiasDiffLayer) else name)
         fits = True
         for suffix, t in parts.items():
             produce = partial(_cast_scaled, t, scale if suffix == "lora_up.weight" else 1.0, dtype)

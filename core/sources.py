@@ -20,6 +20,7 @@ from typing import Iterable, Mapping, Protocol, runtime_checkable
 
 import torch
 
+from . import quant
 from .archs import SIZES, Component, KeyTable, LayerSpec, detect_arch, key_table
 from .errors import FormatError, MismatchError
 from .types import Arch
@@ -272,6 +273,11 @@ class FileSource:
             notes = tuple(n for n in loaded.notes if n not in notes) + notes
         self.notes: tuple[str, ...] = tuple(f"{self.name}: {n}" for n in notes)
         stored = self._stream.keys() if self._stream is not None else self._tensors.keys()
+        # fp8 / scaled fp8 (core.quant): scales applied on read, scale and marker keys not listed
+        self._quant = quant.plan_scales(self.name, stored, self._raw_shape, self._raw_dtype)
+        self.quant_reads = quant.QuantReads()
+        if self._quant.hidden:
+            stored = [k for k in stored if k not in self._quant.hidden]
         self._alias = legacy_te_aliases(stored)
         if self._alias:
             hidden = set(self._alias.values())
@@ -288,23 +294,31 @@ class FileSource:
     def keys(self) -> Iterable[str]:
         return self._keys
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        key = self.stored_key(key)
+    def _raw_shape(self, key: str) -> tuple[int, ...]:
         if self._stream is not None:
             return tuple(int(s) for s in self._stream.shape(key))
         return tuple(int(s) for s in self._tensors[key].shape)
 
-    def dtype(self, key: str) -> torch.dtype:
-        key = self.stored_key(key)
+    def _raw_dtype(self, key: str) -> torch.dtype:
         if self._stream is not None:
             return self._stream.dtype(key)
         return self._tensors[key].dtype
 
-    def get(self, key: str) -> Tensor:
-        key = self.stored_key(key)
+    def _raw_get(self, key: str) -> Tensor:
         if self._stream is not None:
             return self._stream.get(key)
         return self._tensors[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._raw_shape(self.stored_key(key))
+
+    def dtype(self, key: str) -> torch.dtype:
+        key = self.stored_key(key)
+        return quant.read_dtype(self._raw_dtype(key), key, self._quant)
+
+    def get(self, key: str) -> Tensor:
+        """The tensor as stored, except fp8: upcast to fp32, times its scale when it has one."""
+        return quant.read(self._raw_get, self.stored_key(key), self._quant, self.quant_reads, self.name)
 
     def close(self) -> None:
         if self._stream is not None:
@@ -392,6 +406,7 @@ class KeyStyle(str, enum.Enum):
 
     CHECKPOINT = "checkpoint"  # original single-file checkpoint (OpenCLIP TEs fused q/k/v)
     COMFY = "comfy"  # ComfyUI model / CLIP state dicts (diffusion_model.…, clip_l.transformer.…)
+    GENERIC = "generic"  # no architecture record: layers named by the pair's own keys (core.generic)
 
 
 def layer_source_key(spec: LayerSpec, style: KeyStyle) -> tuple[str, tuple[int, int] | None]:
@@ -556,6 +571,10 @@ def preflight(base: WeightSource, tuned: WeightSource, *,
         MismatchError: different architectures, or keys/shapes that differ (up to 20 listed + count).
         FormatError: an architecture cannot be detected.
     """
+    if KeyStyle(key_style) is KeyStyle.GENERIC:
+        from .generic import generic_table  # late: generic imports this module
+
+        return generic_table(base, tuned)
     table, report = compare_pair(base, tuned, key_style=key_style)
     problems: list[str] = []
     if report.missing_in_tuned:

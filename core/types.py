@@ -7,7 +7,9 @@ For a low-rank layer with factors ``up`` (out × r) and ``down`` (r × in·kh·k
     ΔW = (alpha / r) · up @ down          reshaped to the weight's shape
 
 Conv weights are flattened as ``(out, in, kh, kw) -> (out, in·kh·kw)``; a conv LoRA stores
-``down`` as ``(r, in, kh, kw)`` and ``up`` as ``(out, r, 1, 1)``. A LoCon/Tucker layer keeps a
+``down`` as ``(r, in, kh, kw)`` and ``up`` as ``(out, r, 1, 1)``. A Conv3d weight (5-D, e.g. a video
+model's patch embedding) is flattened the same way, ``(out, in, kt, kh, kw) -> (out, in·kt·kh·kw)``,
+with ``down`` ``(r, in, kt, kh, kw)`` and ``up`` ``(out, r, 1, 1, 1)``. A LoCon/Tucker layer keeps a
 ``mid`` of shape ``(r, r, kh, kw)`` with ``down`` ``(r, in, 1, 1)``; its flattened down factor is
 ``mid ×₁ down`` (see :meth:`LoraLayer.down_matrix`).
 
@@ -38,17 +40,21 @@ class Arch(str, enum.Enum):
 class LayerKind(str, enum.Enum):
     LINEAR = "linear"
     CONV1X1 = "conv1x1"
-    CONV = "conv"  # any kernel larger than 1×1 (3×3 in SD)
+    CONV = "conv"  # any kernel larger than 1×1 (3×3 in SD; Conv3d kernels too)
+    # A 1-D weight (norm), a bias or another parameter (e.g. a modulation table): never factorised,
+    # only stored exactly (``.diff`` / ``.diff_b``).
+    VECTOR = "vector"
 
     @staticmethod
     def of_shape(shape: tuple[int, ...]) -> "LayerKind":
         if len(shape) == 2:
             return LayerKind.LINEAR
-        if len(shape) == 4 and shape[2] * shape[3] == 1:
-            return LayerKind.CONV1X1
-        if len(shape) == 4:
-            return LayerKind.CONV
-        raise ValueError(f"not a Linear or Conv2d weight shape: {tuple(shape)}")
+        if len(shape) in (4, 5):
+            kernel = 1
+            for s in shape[2:]:
+                kernel *= int(s)
+            return LayerKind.CONV1X1 if kernel == 1 else LayerKind.CONV
+        return LayerKind.VECTOR
 
 
 class LayerStatus(str, enum.Enum):
@@ -69,12 +75,12 @@ class SkipReason(str, enum.Enum):
 
 
 def as_matrix(weight: Tensor) -> Tensor:
-    """View a Linear/Conv weight (or delta) as the 2-D matrix ``out × in·kh·kw``."""
+    """View a Linear/Conv2d/Conv3d weight (or delta) as the 2-D matrix ``out × in·k…``."""
     if weight.dim() == 2:
         return weight
-    if weight.dim() == 4:
+    if weight.dim() in (4, 5):
         return weight.flatten(1)
-    raise ValueError(f"expected a 2-D or 4-D weight, got shape {tuple(weight.shape)}")
+    raise ValueError(f"expected a 2-D, 4-D or 5-D weight, got shape {tuple(weight.shape)}")
 
 
 def factors_to_layer_shapes(
@@ -84,8 +90,9 @@ def factors_to_layer_shapes(
     r = down.shape[0]
     if len(weight_shape) == 2:
         return up, down
-    out_ch, in_ch, kh, kw = weight_shape
-    return up.reshape(out_ch, r, 1, 1), down.reshape(r, in_ch, kh, kw)
+    out_ch, in_ch, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
+    ones = (1,) * len(kernel)
+    return up.reshape(out_ch, r, *ones), down.reshape(r, in_ch, *kernel)
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,8 +130,8 @@ class LoraLayer:
             return (out_features, int(self.down.shape[1]))
         in_ch = int(self.down.shape[1])
         if self.mid is not None:
-            return (out_features, in_ch, int(self.mid.shape[2]), int(self.mid.shape[3]))
-        return (out_features, in_ch, int(self.down.shape[2]), int(self.down.shape[3]))
+            return (out_features, in_ch) + tuple(int(s) for s in self.mid.shape[2:])
+        return (out_features, in_ch) + tuple(int(s) for s in self.down.shape[2:])
 
     @property
     def kind(self) -> LayerKind:
@@ -169,9 +176,10 @@ class DiffLayer:
 
     @property
     def rank(self) -> int:
-        """The rank of the stored matrix as a container, i.e. min(out, in·kh·kw)."""
-        m = as_matrix(self.diff)
-        return int(min(m.shape))
+        """The rank of the stored matrix as a container, i.e. min(out, in·kh·kw) (1 for a 1-D weight)."""
+        if self.diff.dim() not in (2, 4, 5):
+            return 1
+        return int(min(as_matrix(self.diff).shape))
 
     def delta(self) -> Tensor:
         return self.diff.float()
@@ -180,7 +188,33 @@ class DiffLayer:
         return self.diff.numel() * self.diff.element_size()
 
 
-LayerDelta = Union[LoraLayer, DiffLayer]
+@dataclass(frozen=True, eq=False)
+class BiasDiffLayer(DiffLayer):
+    """The exact Δ of a module's bias, saved as ``<module>.diff_b`` (ComfyUI's bias patch).
+
+    In a :class:`Lora` it is keyed ``<module>`` + :data:`BIAS_SUFFIX`, beside the module's weight
+    layer (if any) keyed ``<module>``.
+    """
+
+    @property
+    def kind(self) -> LayerKind:
+        return LayerKind.VECTOR
+
+    @property
+    def rank(self) -> int:
+        return 1
+
+
+BIAS_SUFFIX = ".bias"
+"""Lora layer-name suffix of a :class:`BiasDiffLayer` (``diffusion_model.x.bias`` → ``diffusion_model.x.diff_b``)."""
+
+
+def bias_module(name: str) -> str:
+    """The module a bias layer name belongs to (``a.b.bias`` → ``a.b``)."""
+    return name[: -len(BIAS_SUFFIX)] if name.endswith(BIAS_SUFFIX) else name
+
+
+LayerDelta = Union[LoraLayer, DiffLayer, BiasDiffLayer]
 
 
 def _frozen(mapping: Mapping) -> Mapping:
