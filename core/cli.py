@@ -305,6 +305,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     base, tuned = open_source(args.base), open_source(args.tuned)
+    base, tuned, options = _generic_mode(args, base, tuned, options)
     progress, close = _progress_bar(not args.no_progress, "extract")
     try:
         results = extract_sweep_detailed(base, tuned, policies, options, progress=progress)
@@ -317,6 +318,26 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if args.output:
             _save(result.lora, path, args, plan)
     return 0
+
+
+def _generic_mode(args: argparse.Namespace, base, tuned, options):
+    """``--generic``, or no architecture record for the pair: name layers by their keys (core.generic)."""
+    import dataclasses
+
+    from .generic import diffusion_view, has_record
+    from .sources import KeyStyle
+
+    generic = bool(args.generic)
+    if not generic and not has_record(base, tuned):
+        generic = True
+        print("note: no architecture record matches these models; extracting in generic mode "
+              "(every Linear/Conv weight, ComfyUI-native 'diffusion_model.<key>' names)", file=sys.stderr)
+    if not generic:
+        if args.exact_parts:
+            raise RankwiseError("--exact-parts (.diff / .diff_b) needs generic mode: add --generic")
+        return base, tuned, options
+    options = dataclasses.replace(options, key_style=KeyStyle.GENERIC, exact_parts=bool(args.exact_parts))
+    return diffusion_view(base), diffusion_view(tuned), options
 
 
 def _write_spectrum(result, png: str, plan: OutputPlan) -> None:
@@ -587,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spectrum", help="write a singular-value spectrum PNG")
+    p.add_argument("--generic", action="store_true",
+                   help="any architecture: every 2-D/4-D/5-D weight of two same-layout diffusion models, saved "
+                        "with ComfyUI-native diffusion_model.<key> names (automatic when no record matches)")
+    p.add_argument("--exact-parts", action="store_true",
+                   help="generic mode: also store changed 1-D weights as .diff and biases as .diff_b (exact)")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("resize", help="LoRA → LoRA of a fixed or dynamic rank")

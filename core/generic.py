@@ -350,3 +350,17 @@ def comfy_names_check(names: Iterable[str], key_map: Mapping[str, str]) -> tuple
             bad.append(name)
     return tuple(bad)
 
+
+
+def has_record(base: WeightSource, tuned: WeightSource) -> bool:
+    """Whether an architecture record of Rankwise detects either side (else the generic path applies)."""
+    from .archs import detect_arch
+
+    for source in (base, tuned):
+        shapes = {k: tuple(int(s) for s in source.shape(k)) for k in source.keys()}
+        try:
+            detect_arch(shapes)
+            return True
+        except FormatError:
+            continue
+    return False
