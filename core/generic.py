@@ -36,6 +36,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from . import quant
 from .archs import Component, KeyTable, LayerGroup, LayerSpec
 from .errors import FormatError, MismatchError
 from .sources import KeyStyle, PairReport, WeightSource, source_dtype, source_path
@@ -92,6 +93,8 @@ class DiffusionModelView:
             if not key.startswith(p):
                 continue
             if not p and key.startswith(OTHER_PREFIXES):
+                continue
+            if quant.is_quant_key(key):  # scales / markers of a scaled-fp8 model seen through ComfyUI
                 continue
             self._map[COMFY_PREFIX + key[len(p):]] = key
         self._inverse = {v: k for k, v in self._map.items()}

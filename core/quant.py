@@ -75,6 +75,11 @@ def _is_marker(key: str) -> bool:
     return key == MARKER or key.endswith("." + MARKER)
 
 
+def is_quant_key(key: str) -> bool:
+    """A scale, input scale, quantisation descriptor or marker key (never a weight of its own)."""
+    return _is_marker(key) or key.endswith(SCALE_SUFFIXES) or key.endswith(HIDDEN_SUFFIXES)
+
+
 def _listing(items: Sequence[str]) -> str:
     shown = ", ".join(items[:_MAX_LISTED])
     return shown + (f" … and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")

@@ -15,6 +15,7 @@ import torch
 
 from ..core.formats import lora_to_state_dict
 from ..core.progress import ProgressFn
+from ..core.quant import FP8_MANTISSA_BITS
 from ..core.types import Lora
 from .pair import UnionSource
 from .widgets import Coverage, apply_coverage
@@ -130,6 +131,26 @@ def load_checkpoint_for_sampling(path: str) -> tuple[object, object, object]:
     return out[0], out[1], out[2]
 
 
+def load_diffusion_model_for_sampling(path: str, weight_dtype: str = "default") -> object:
+    """A diffusion-model-only file as a MODEL, loaded the way UNETLoader does (``comfy.sd.load_diffusion_model``)."""
+    import comfy.sd
+
+    options: dict = {}
+    if weight_dtype == "fp8_e4m3fn":
+        options["dtype"] = torch.float8_e4m3fn
+    elif weight_dtype == "fp8_e5m2":
+        options["dtype"] = torch.float8_e5m2
+    return comfy.sd.load_diffusion_model(path, model_options=options)
+
+
+def unet_key_map(model) -> dict:
+    """ComfyUI's LoRA key map of a MODEL (``comfy.lora.model_lora_keys_unet``): LoRA module name →
+    weight key, the names ComfyUI's loader applies to this model."""
+    import comfy.lora
+
+    return comfy.lora.model_lora_keys_unet(model.model, {})
+
+
 class PatchedModelSource:
     """A ComfyUI ModelPatcher as a core WeightSource: each ``get`` returns one weight with the
     patcher's patches (LoRAs, merges, subtractions) applied, computed on demand in fp32.
@@ -146,6 +167,7 @@ class PatchedModelSource:
         self.path = None
         self.metadata: Mapping[str, str] = {}
         self._entries: dict | None = None
+        self.quant_reads: dict = {}  # fp8 weights read: key → (‖W‖_F, dtype), for core.quant's report
 
     def _key_patches(self) -> dict:
         if self._entries is None:
@@ -174,6 +196,8 @@ class PatchedModelSource:
             w = convert(w, inplace=True)
             if len(entry) > 1:
                 w = comfy.lora.calculate_weight(entry[1:], w, key, original_weights=self._key_patches())
+        if weight.dtype in FP8_MANTISSA_BITS:
+            self.quant_reads[key] = (float(torch.linalg.vector_norm(w.double())), weight.dtype)
         return w.detach()
 
     def __contains__(self, key: object) -> bool:
@@ -260,7 +284,9 @@ __all__ = [
     "full_path",
     "graph_source",
     "load_checkpoint_for_sampling",
+    "load_diffusion_model_for_sampling",
     "lora_save_target",
     "progress_bar",
     "throw_if_interrupted",
+    "unet_key_map",
 ]

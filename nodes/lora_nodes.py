@@ -110,6 +110,7 @@ class RankwiseExtractLoRA(io.ComfyNode):
             device=glue.compute_device(),
             key_style=pair.key_style,
             seed=int(seed),
+            exact_parts=getattr(pair, "exact_parts", False),
         )
         results = extract_sweep_detailed(pair.base, pair.tuned, policies, options, progress=glue.progress_bar())
         loras = [r.lora for r in results]

@@ -19,8 +19,9 @@ import torch
 
 from ..core.archs import Component, KeyTable, comfy_text_encoder_prefixes, text_encoder_prefixes
 from ..core.clip import EncoderDiff, is_position_ids_key, repair_position_ids
-from ..core.errors import MismatchError
-from ..core.sources import KeyStyle, PairReport, WeightSource, preflight, source_dtype, source_path
+from ..core.errors import FormatError, MismatchError
+from ..core.generic import comfy_names_check, diffusion_prefix, diffusion_view
+from ..core.sources import KeyStyle, PairReport, PrefixedSource, WeightSource, preflight, source_dtype, source_path
 from ..core.types import Arch
 
 Tensor = torch.Tensor
@@ -163,10 +164,16 @@ class ModelPair:
     replaced: tuple[Component, ...] = ()
     position_ids_fixed: bool = False
     encoders: tuple[EncoderDiff, ...] = ()
+    exact_parts: bool = False  # generic pairs: also extract .diff / .diff_b (Extract LoRA reads this)
 
     @property
-    def arch(self) -> Arch:
+    def arch(self) -> Arch | None:
+        """The architecture record's arch, or None for a generic pair (no record)."""
         return self.check.arch
+
+    @property
+    def generic(self) -> bool:
+        return self.key_style is KeyStyle.GENERIC
 
     @property
     def text_encoders(self) -> tuple[Component, ...]:
@@ -175,10 +182,15 @@ class ModelPair:
     def describe(self) -> str:
         """The preflight report shown by the pair nodes."""
         c = self.check
-        size = "" if c.size == "full" else f" ({c.size} test layout)"
+        if c.arch is None:
+            head = (f"pair OK: no architecture record, generic mode, {c.layers} Linear/Conv layers "
+                    f"(ComfyUI-native names{', exact .diff/.diff_b parts' if self.exact_parts else ''})")
+        else:
+            size = "" if c.size == "full" else f" ({c.size} test layout)"
+            head = (f"pair OK: {c.arch.value.upper()}{size}, {c.layers} LoRA-targetable layers "
+                    f"({c.keys_compared} tensors compared, {c.key_style.value} keys)")
         lines = [
-            f"pair OK: {c.arch.value.upper()}{size}, {c.layers} LoRA-targetable layers "
-            f"({c.keys_compared} tensors compared, {c.key_style.value} keys)",
+            head,
             f"base:  {self.base.name}",
             f"tuned: {self.tuned.name}",
             "components: " + ", ".join(comp.value for comp in c.components),
@@ -199,8 +211,66 @@ def make_pair(base: WeightSource, tuned: WeightSource, *, key_style: KeyStyle | 
         FormatError: an architecture cannot be detected.
     """
     style = KeyStyle(key_style)
+    if style is KeyStyle.GENERIC:
+        return make_generic_pair(base, tuned)
     table, check = preflight(base, tuned, key_style=style)
     return ModelPair(base=base, tuned=tuned, table=table, check=check, key_style=style)
+
+
+def make_generic_pair(base: WeightSource, tuned: WeightSource, *, exact_parts: bool = False,
+                      key_map: Mapping[str, object] | None = None, note: str = "") -> ModelPair:
+    """A pair named through the generic path (:mod:`core.generic`): the diffusion models of ``base``
+    and ``tuned`` under ``diffusion_model.<key>`` names.
+
+    With ``key_map`` (ComfyUI's ``model_lora_keys_unet`` of the loaded model), every layer name is
+    checked to be one ComfyUI's loader applies; the names it would not apply are listed in a note.
+
+    Raises:
+        MismatchError: the two diffusion models are not the same layout.
+    """
+    b, t = diffusion_view(base), diffusion_view(tuned)
+    table, check = preflight(b, t, key_style=KeyStyle.GENERIC)
+    notes = list(check.notes)
+    if note:
+        notes.insert(0, note)
+    if key_map is not None:
+        bad = comfy_names_check((s.kohya for s in table.layers), key_map)
+        if bad:
+            shown = ", ".join(bad[:8]) + (f" … and {len(bad) - 8} more" if len(bad) > 8 else "")
+            notes.append(f"{len(bad)} of {len(table.layers)} layer names are not in ComfyUI's key map of this "
+                         f"model (they would not load): {shown}")
+        else:
+            notes.append(f"all {len(table.layers)} layer names are in ComfyUI's key map of this model")
+    return ModelPair(base=b, tuned=t, table=table, check=replace(check, notes=tuple(notes)),
+                     key_style=KeyStyle.GENERIC, exact_parts=bool(exact_parts))
+
+
+def make_pair_or_generic(base: WeightSource, tuned: WeightSource, *, key_style: KeyStyle | str,
+                         exact_parts: bool = False, key_map: Mapping[str, object] | None = None) -> ModelPair:
+    """:func:`make_pair` when an architecture record matches, else :func:`make_generic_pair` (with a
+    note). ``exact_parts`` applies to generic pairs only (recorded architectures keep kohya names)."""
+    try:
+        pair = make_pair(base, tuned, key_style=key_style)
+    except FormatError as e:
+        return make_generic_pair(base, tuned, exact_parts=exact_parts, key_map=key_map,
+                                 note=f"no architecture record matched ({str(e)[:120]}…); generic mode")
+    return pair
+
+
+def diffusion_file_pair(base: WeightSource, tuned: WeightSource, *, exact_parts: bool = False,
+                        key_map: Mapping[str, object] | None = None) -> ModelPair:
+    """Two diffusion-model files as a pair: by their architecture record when one matches (bare keys
+    are seen as ``model.diffusion_model.<key>``, the original checkpoint layout), else generic."""
+    def as_checkpoint(src: WeightSource) -> WeightSource:
+        if diffusion_prefix(src.keys()) == "":
+            return PrefixedSource(src, {"": "model.diffusion_model."}, name=src.name)
+        return src
+
+    try:
+        return make_pair(as_checkpoint(base), as_checkpoint(tuned), key_style=KeyStyle.CHECKPOINT)
+    except FormatError:
+        return make_generic_pair(base, tuned, exact_parts=exact_parts, key_map=key_map,
+                                 note="no architecture record matched; generic mode")
 
 
 def with_encoders_from_base(

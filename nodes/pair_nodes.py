@@ -1,4 +1,11 @@
-"""Nodes that make and clean a checkpoint pair: Load Model Pair, Model Pair from Graph, Clean CLIP."""
+"""Nodes that make and clean a checkpoint pair: Load Model Pair, Load Diffusion Model Pair, Model Pair
+from Graph, Clean CLIP.
+
+A pair whose architecture Rankwise has no record for (Wan, Qwen-Image, HunyuanVideo, HiDream, Lumina …)
+goes through the generic path (:mod:`core.generic`): its layers are named ``diffusion_model.<key>``,
+checked against ComfyUI's own key map of the model (``comfy.lora.model_lora_keys_unet``), and the
+LoRA is saved with those ComfyUI-native names.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,10 @@ from ..core.clip import DEFAULT_TE_THRESHOLD, text_encoder_report
 from ..core.errors import MismatchError, RankwiseError
 from ..core.sources import KeyStyle, open_source
 from . import comfy_glue as glue
-from .pair import ModelPair, comfy_clip_prefix, encoder_prefixes, make_pair, position_ids_problems, with_encoders_from_base
+from .pair import (
+    ModelPair, comfy_clip_prefix, diffusion_file_pair, encoder_prefixes, make_pair, make_pair_or_generic,
+    position_ids_problems, with_encoders_from_base,
+)
 from .sockets import CATEGORY, PairSocket
 from .widgets import CleanMode
 
@@ -69,6 +79,75 @@ class RankwiseLoadModelPair(io.ComfyNode):
         return io.NodeOutput(model, clip, vae, pair, report, ui=ui.PreviewText(report))
 
 
+EXACT_PARTS_TOOLTIP = (
+    "Generic pairs (architectures with no Rankwise record): also store every changed norm weight exactly "
+    "as .diff and every changed bias as .diff_b, as ComfyUI's own extractor does. Exact, small, loaded by "
+    "ComfyUI; other loaders (diffusers) may drop them."
+)
+
+
+class RankwiseLoadDiffusionModelPair(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RankwiseLoadDiffusionModelPair",
+            display_name="Load Diffusion Model Pair",
+            category=CATEGORY,
+            description=(
+                "Open a base and a fine-tuned diffusion-model-only file (models/diffusion_models, as "
+                "Load Diffusion Model reads them) as a pair for LoRA extraction, streamed tensor by tensor; "
+                "fp8 and scaled-fp8 files are dequantised. Any model ComfyUI loads works: without a Rankwise "
+                "record (Wan, Qwen-Image, HunyuanVideo, HiDream, Lumina …) layers get ComfyUI-native names."
+            ),
+            inputs=[
+                io.Combo.Input("base_model_name", options=glue.file_names("diffusion_models"),
+                               tooltip="The original diffusion model (models/diffusion_models)."),
+                io.Combo.Input("tuned_model_name", options=glue.file_names("diffusion_models"),
+                               tooltip="The fine-tuned diffusion model whose difference becomes the LoRA."),
+                io.Boolean.Input("load_base_for_sampling", default=True,
+                                 tooltip="Also load the base as MODEL (like Load Diffusion Model) to preview the "
+                                         "LoRA; its key map also checks every layer name. Off: extract only."),
+                io.Combo.Input("weight_dtype", options=["default", "fp8_e4m3fn", "fp8_e5m2"], default="default",
+                               tooltip="dtype of the base MODEL loaded for sampling (the extraction always "
+                                       "reads the files in fp32)."),
+                io.Boolean.Input("exact_parts", default=False, tooltip=EXACT_PARTS_TOOLTIP),
+            ],
+            outputs=[
+                io.Model.Output(display_name="base_model", tooltip="The base model, for sampling with the extracted LoRA."),
+                PairSocket.Output(display_name="pair", tooltip="Base and tuned weights, streamed from the files; feed Extract LoRA."),
+                io.String.Output(display_name="report", tooltip="The pair check: architecture or generic mode, layers, notes."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, base_model_name: str, tuned_model_name: str, load_base_for_sampling: bool,
+                weight_dtype: str, exact_parts: bool) -> io.NodeOutput:
+        base_path = glue.full_path("diffusion_models", base_model_name)
+        tuned_path = glue.full_path("diffusion_models", tuned_model_name)
+        if os.path.realpath(base_path) == os.path.realpath(tuned_path):
+            raise MismatchError(
+                f"base and tuned are the same file ({base_model_name}); pick the fine-tuned model as tuned_model_name"
+            )
+        model, key_map = None, None
+        if load_base_for_sampling:
+            try:
+                model = glue.load_diffusion_model_for_sampling(base_path, weight_dtype)
+            except RuntimeError as e:
+                raise RankwiseError(
+                    f"ComfyUI could not load {base_model_name} for sampling ({e}); turn off "
+                    f"load_base_for_sampling to extract without it"
+                ) from e
+            key_map = glue.unet_key_map(model)
+        pair = diffusion_file_pair(open_source(base_path), open_source(tuned_path), exact_parts=exact_parts,
+                                   key_map=key_map)
+        report = pair.describe()
+        if exact_parts and not pair.generic:
+            report += "\nnote: exact_parts applies to generic pairs only (this architecture has a record)"
+        if model is None:
+            model = glue.blocked("Load Diffusion Model Pair: load_base_for_sampling is off, so there is no base MODEL")
+        return io.NodeOutput(model, pair, report, ui=ui.PreviewText(report))
+
+
 class RankwiseModelPair(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -88,6 +167,8 @@ class RankwiseModelPair(io.ComfyNode):
                               tooltip="Base text encoder(s); connect both CLIPs to extract text-encoder layers too."),
                 io.Clip.Input("tuned_clip", optional=True,
                               tooltip="Changed text encoder(s); connect both CLIPs to extract text-encoder layers too."),
+                io.Boolean.Input("exact_parts", default=False, optional=True,
+                                 tooltip=EXACT_PARTS_TOOLTIP),
             ],
             outputs=[
                 PairSocket.Output(display_name="pair", tooltip="Base and tuned weights (patched, computed on demand); feed Extract LoRA."),
@@ -96,11 +177,14 @@ class RankwiseModelPair(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base_model, tuned_model, base_clip=None, tuned_clip=None) -> io.NodeOutput:
+    def execute(cls, base_model, tuned_model, base_clip=None, tuned_clip=None, exact_parts=False) -> io.NodeOutput:
         base = glue.graph_source(base_model, base_clip, "base")
         tuned = glue.graph_source(tuned_model, tuned_clip, "tuned")
-        pair = make_pair(base, tuned, key_style=KeyStyle.COMFY)
+        pair = make_pair_or_generic(base, tuned, key_style=KeyStyle.COMFY, exact_parts=bool(exact_parts),
+                                    key_map=glue.unet_key_map(base_model))
         report = pair.describe()
+        if exact_parts and not pair.generic:
+            report += "\nnote: exact_parts applies to generic pairs only (this architecture has a record)"
         if (base_clip is None) != (tuned_clip is None):
             report += "\nnote: only one CLIP is connected, so no text-encoder layer is compared"
         return io.NodeOutput(pair, report, ui=ui.PreviewText(report))
@@ -181,4 +265,4 @@ class RankwiseCleanCLIP(io.ComfyNode):
         return io.NodeOutput(out, report, clip_out, ui=ui.PreviewText(report))
 
 
-NODES = [RankwiseLoadModelPair, RankwiseModelPair, RankwiseCleanCLIP]
+NODES = [RankwiseLoadModelPair, RankwiseLoadDiffusionModelPair, RankwiseModelPair, RankwiseCleanCLIP]

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PACK_FOLDER = "Rankwise-LoRA.test_pack"  # deliberately not "rankwise": imports must be relative
 NODE_IDS = (
-    "RankwiseLoadModelPair", "RankwiseModelPair", "RankwiseCleanCLIP", "RankwiseExtractLoRA",
+    "RankwiseLoadModelPair", "RankwiseLoadDiffusionModelPair", "RankwiseModelPair", "RankwiseCleanCLIP", "RankwiseExtractLoRA",
     "RankwiseResizeLoRA", "RankwiseMergeLoRAs", "RankwiseLoadLoRA", "RankwiseSaveLoRA",
     "RankwiseApplyLoRA", "RankwiseLoRAInfo", "RankwiseToLoraModel", "RankwiseFromLoraModel",
     "RankwiseImageGrid",
