@@ -86,7 +86,8 @@ def populate_base_dir(base: Path, checkpoints: dict[str, Path]) -> Path:
     ckpts.mkdir(parents=True, exist_ok=True)
     for name, target in checkpoints.items():
         (ckpts / name).symlink_to(target)
-    for sub in ("models/loras", "models/vae", "models/embeddings", "input", "output", "temp", "user"):
+    for sub in ("models/loras", "models/vae", "models/embeddings", "models/diffusion_models", "input", "output",
+                "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     return base
 
