@@ -263,7 +263,8 @@ def resize_sweep(
     if not policies:
         raise ValueError("resize_sweep needs at least one rank policy")
     selectors = selectors_of(policies)
-    names = list(lora.layers)
+    # exact parts (1-D weights, biases, parameters: .diff / .diff_b) are not low-rank: kept (_finish)
+    names = [n for n in lora.layers if n not in _exact_parts(lora)]
     outs: list[dict[str, LoraLayer]] = [{} for _ in selectors]
     stats: list[list[LayerStat]] = [[] for _ in selectors]
 
@@ -293,13 +294,24 @@ def resize_sweep(
     return [_finish(lora, sel, out, st, strength) for sel, out, st in zip(selectors, outs, stats)]
 
 
+def _exact_parts(lora: Lora) -> dict[str, LayerDelta]:
+    """The layers stored exactly and never factorised (1-D weights, biases, other parameters)."""
+    return {n: layer for n, layer in lora.layers.items() if layer.kind is LayerKind.VECTOR}
+
+
 def _finish(lora: Lora, selector: RankSelector, layers: dict[str, LoraLayer], stats: list[LayerStat],
             strength: float) -> tuple[Lora, Report]:
     notes: list[str] = []
+    exact = _exact_parts(lora)
+    for name, layer in exact.items():
+        layers[name] = layer if strength == 1.0 else type(layer)((layer.diff.float() * strength).to(layer.diff.dtype))
     capped = [s.name for s in stats if s.capped]
     if capped:
         notes.append(f"{len(capped)} layer(s) capped at their rank limit (e.g. {capped[0]})")
-    dense = sum(isinstance(layer, DiffLayer) for layer in lora.layers.values())
+    if exact:
+        notes.append(f"{len(exact)} exact part(s) (.diff / .diff_b) kept as they are"
+                     + (f", times strength {strength:g}" if strength != 1.0 else ""))
+    dense = sum(isinstance(layer, DiffLayer) and name not in exact for name, layer in lora.layers.items())
     if dense:
         notes.append(f"{dense} dense layer(s) (LoHa/LoKr/full) converted to plain LoRA")
     mids = sum(isinstance(layer, LoraLayer) and layer.mid is not None for layer in lora.layers.values())

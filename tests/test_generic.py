@@ -203,3 +203,20 @@ def test_cli_recorded_arch_keeps_its_record_and_generic_is_explicit(tmp_path, ca
     with safe_open(str(out), "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("diffusion_model.") for k in keys)  # the UNet only, native names
+
+
+def test_resize_keeps_exact_parts_and_refactors_the_rest():
+    from rankwise.core.resize import resize
+
+    layout = wan21_layout(dim=128, ffn=256, text_dim=64)
+    base = random_state_dict(layout, seed=7)
+    tuned, _ = planted_tuned(base, seed=8)
+    b, t = _views(base, tuned)
+    lora = extract_detailed(b, t, _options(rank=8, exact_parts=True)).lora
+    small, report = resize(lora, RankPolicy(parse_rules("2")[0]), strength=0.5)
+    bias = "diffusion_model.blocks.0.ffn.0.bias"
+    assert isinstance(small.layers[bias], BiasDiffLayer)
+    assert torch.equal(small.layers[bias].diff, lora.layers[bias].diff * 0.5)
+    assert small.layers["diffusion_model.blocks.0.ffn.0"].rank == 2
+    assert any("exact part(s)" in n for n in report.notes)
+    assert len(small.layers) == len(lora.layers)

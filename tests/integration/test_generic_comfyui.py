@@ -88,6 +88,10 @@ def _prompt(source: str, prefix: str) -> dict:
         "6": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}},
         "7": {"class_type": "PreviewAny", "inputs": {"source": report}},
     })
+    if source == "graph":  # the in-memory LoRA on the base MODEL: Apply LoRA's coverage report
+        nodes["8"] = {"class_type": "RankwiseApplyLoRA",
+                      "inputs": {"model": ["1", 0], "lora": ["4", 0], "strength_model": 1.0, "strength_clip": 1.0}}
+        nodes["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["8", 2]}}
     return nodes
 
 
@@ -104,6 +108,10 @@ def test_generic_wan_pair_extracts_and_comfyui_applies_every_key(comfy_server, c
     rows = _rows(table)
     n_layers = sum(1 for k, s in layout.items() if k.endswith(".weight") and len(s) in (2, 4, 5))
     assert len(rows) == n_layers, table[:3000]
+    if source == "graph":
+        coverage = "\n".join(_texts(entry, "9"))
+        m = re.search(r"applied (\d+) of (\d+) modules", coverage)
+        assert m and m.group(1) == m.group(2) == str(len(layout)), coverage[:2000]
     files = _saved(comfy_server, entry, "5")
     assert len(files) == 1, entry["outputs"]
 
