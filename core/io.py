@@ -312,12 +312,14 @@ def sniff(path: str | os.PathLike) -> FileKind:
     """
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return FileKind.PICKLE
+    # safetensors first: its header length is little-endian, so its first byte may well be 0x80
+    # (a header of 384 bytes) — the pickle opcode
     if len(head) == 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= MAX_HEADER_BYTES:
             return FileKind.SAFETENSORS
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return FileKind.PICKLE
     return FileKind.UNKNOWN
 
 
