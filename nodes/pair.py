@@ -63,6 +63,14 @@ class UnionSource:
     def __contains__(self, key: object) -> bool:
         return key in self._index()
 
+    @property
+    def quant_reads(self) -> dict:
+        """fp8 tensors read by the parts (core.quant's report)."""
+        out: dict = {}
+        for src in self._sources:
+            out.update(getattr(src, "quant_reads", None) or {})
+        return out
+
     def __repr__(self) -> str:
         return f"UnionSource({self.name!r})"
 

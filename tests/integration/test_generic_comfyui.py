@@ -144,3 +144,60 @@ def test_generic_wan_pair_extracts_and_comfyui_applies_every_key(comfy_server, c
     assert not problems, "\n".join(problems[:20])
     # planted rank 8 < 16 in fp32: base + LoRA is tuned up to the decomposition's rounding
     assert max(layer["rel_error"] for layer in res["layers"]) < 1e-3
+
+
+def test_scaled_fp8_tuned_is_dequantised_as_comfyui_does(comfy_server, wan_files):
+    """A ComfyUI scaled-fp8 tuned file (fp8 Linear weights + scale_weight + scaled_fp8 marker):
+    Rankwise's own dequantisation (Load Diffusion Model Pair, streamed from the files) and ComfyUI's
+    (Load Diffusion Model → Model Pair from Graph, ComfyUI's convert_weight) give the same LoRA.
+
+    Biases are left out of the comparison: ComfyUI builds a scaled-fp8 model's Linear layers in fp8,
+    so it rounds their biases to fp8 when it loads the file (measured: ~7 % of Δb), while the files
+    path reads the biases as stored."""
+    import torch
+    from safetensors import safe_open
+
+    base_path, tuned_path, layout = wan_files
+    fp8 = torch.float8_e4m3fn
+    scaled: dict = {"scaled_fp8": torch.empty(0, dtype=fp8)}
+    with safe_open(str(tuned_path), "pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if key.endswith(".weight") and t.dim() == 2:  # ComfyUI's scaled fp8 covers Linear layers
+                scale = (t.abs().max() / torch.finfo(fp8).max).float().reshape(())
+                scaled[key] = (t / scale).to(fp8)
+                scaled[key[: -len(".weight")] + ".scale_weight"] = scale
+            else:
+                scaled[key] = t
+    name = "rankwise_wan_tuned_scaled_fp8.safetensors"
+    save_file(scaled, str(tuned_path.parent / name))
+
+    files_prompt = _prompt("files", "generic/wan_fp8_files")
+    files_prompt["3"]["inputs"].update(tuned_model_name=name, load_base_for_sampling=False)
+    graph_prompt = _prompt("graph", "generic/wan_fp8_graph")
+    graph_prompt["2"]["inputs"]["unet_name"] = name
+    loras = {}
+    for label, prompt in (("files", files_prompt), ("graph", graph_prompt)):
+        entry = comfy_server.run_prompt(prompt, timeout=900, label=f"generic Wan scaled-fp8 extraction ({label})")
+        table = "\n".join(_texts(entry, "6"))
+        assert "layers read from fp8 weights (float8_e4m3fn)" in table, table[-3000:]
+        [path] = _saved(comfy_server, entry, "5")
+        with safe_open(str(path), "pt") as f:
+            loras[label] = {k: f.get_tensor(k).float() for k in f.keys()}
+    assert set(loras["files"]) == set(loras["graph"])
+    worst = 0.0
+    diffs = []
+    for key in loras["files"]:
+        if key.endswith(".lora_up.weight"):
+            stem = key[: -len(".lora_up.weight")]
+            a, b = (lo[key].flatten(1) @ lo[stem + ".lora_down.weight"].flatten(1) for lo in (loras["files"], loras["graph"]))
+        elif key.endswith(".diff_b"):
+            continue
+        else:
+            a, b = loras["files"][key], loras["graph"][key]
+        rel = float((a - b).norm() / max(float(a.norm()), 1e-30))
+        diffs.append((rel, key))
+        worst = max(worst, rel)
+    print(f"\nscaled fp8: Rankwise vs ComfyUI dequantisation, worst relative ΔW difference {worst:.3g} "
+          f"({sorted(diffs)[-1][1]})")
+    assert worst < 1e-4
