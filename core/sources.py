@@ -379,6 +379,15 @@ class PrefixedSource:
     def get(self, key: str) -> Tensor:
         return self._inner.get(self._mapping()[key])
 
+    @property
+    def quant_reads(self) -> dict:
+        """The inner source's fp8 reads (core.quant) under the exposed names."""
+        reads = getattr(self._inner, "quant_reads", None) or {}
+        if not reads:
+            return {}
+        inverse = {inner: outer for outer, inner in self._mapping().items()}
+        return {inverse[k]: v for k, v in reads.items() if k in inverse}
+
     def close(self) -> None:
         close = getattr(self._inner, "close", None)
         if close is not None:

@@ -148,7 +148,7 @@ def test_relative_rounding_estimate_matches_measured_rounding(gen):
         dtype = getattr(torch, name)
         measured = float((w.to(dtype).float() - w).norm() / w.norm())
         est = quant.relative_rounding(dtype)
-        assert 0.5 * est < measured < 1.5 * est, (name, measured, est)
+        assert 0.85 * est < measured < 1.15 * est, (name, measured, est)
 
 
 def test_a_safetensors_header_whose_length_starts_with_the_pickle_opcode_is_read_as_safetensors(tmp_path):
