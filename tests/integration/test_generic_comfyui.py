@@ -201,3 +201,59 @@ def test_scaled_fp8_tuned_is_dequantised_as_comfyui_does(comfy_server, wan_files
     print(f"\nscaled fp8: Rankwise vs ComfyUI dequantisation, worst relative ΔW difference {worst:.3g} "
           f"({sorted(diffs)[-1][1]})")
     assert worst < 1e-4
+
+
+FAMILIES = ("wan21", "qwen_image", "hunyuan_video", "lumina2", "hidream")
+
+
+@pytest.fixture(scope="module")
+def family_layouts(comfy_install, tmp_path_factory):
+    out = tmp_path_factory.mktemp("families") / "families.json"
+    proc = comfy_install.run_python([str(HERE / "family_layouts.py"), "--out", str(out)], timeout=600)
+    assert proc.returncode == 0 and out.exists(), f"layout dump failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
+class _Shapes:
+    """A shapes-only source (the generic key table reads names, shapes and dtypes, never values)."""
+
+    def __init__(self, layout: dict, name: str) -> None:
+        import torch
+
+        self.name = name
+        self._layout = {k: (tuple(s), getattr(torch, d)) for k, (s, d) in layout.items()}
+
+    def keys(self):
+        return self._layout.keys()
+
+    def shape(self, key):
+        return self._layout[key][0]
+
+    def dtype(self, key):
+        return self._layout[key][1]
+
+    def get(self, key):  # pragma: no cover - never called
+        raise AssertionError(f"the key table read the tensor {key}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generic_names_of_every_family_are_in_comfyuis_key_map(family_layouts, family):
+    """Real widths, depth 1: ComfyUI detects the family from its own layout, and every name the
+    generic path gives (LoRA layers, .diff modules / parameters, .diff_b modules) is one that
+    ComfyUI's loader maps to a weight of that model."""
+    from rankwise.core.generic import comfy_names_check, diffusion_view, generic_table, part_name
+
+    entry = family_layouts[family]
+    assert "error" not in entry, entry.get("error")
+    assert entry["detected_class"] == entry["config_class"], entry
+    source = diffusion_view(_Shapes(entry["layout"], family))
+    table, report = generic_table(source, source)
+    names = [spec.kohya for spec in table.layers]
+    layer_keys = {spec.checkpoint_key for spec in table.layers}
+    parts = [part_name(k)[0] for k in source.keys()
+             if k not in layer_keys and source.dtype(k).is_floating_point]
+    key_map = set(entry["key_map"])
+    assert names and comfy_names_check(names + parts, {k: k for k in key_map}) == ()
+    conv = [s for s in table.layers if len(s.shape) == 5]
+    print(f"\n{family}: ComfyUI {entry['detected_class']}, {len(names)} LoRA layers "
+          f"({len(conv)} Conv3d), {len(parts)} exact parts, all in ComfyUI's key map")
