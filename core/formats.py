@@ -375,6 +375,15 @@ def _numel(shape: Iterable[int]) -> int:
 # naming
 
 
+GENERIC_PREFIX = "diffusion_model."
+"""Module names of a generic-path LoRA (core.generic), read without a key table."""
+
+
+def _generic_bias_parts(sd: Mapping[str, Tensor], built: list, unsupported: list[str]) -> list[str]:
+    """``unsupported`` without the ``.diff_b`` keys of ComfyUI-native modules (read as bias layers)."""
+    return [k for k in unsupported if not (k.endswith(".diff_b") and k.startswith(GENERIC_PREFIX))]
+
+
 def _kohya_named(name: str) -> bool:
     return name.startswith(KOHYA_PREFIXES)
 
@@ -596,7 +605,7 @@ def _build_one(mod: _Module, cfg: dict | None) -> tuple[_Built, bool] | None:
         if alpha is None and cfg is not None and mod.formats & {LoraFormat.PEFT, LoraFormat.DIFFUSERS}:
             alpha = _peft_alpha(cfg, mod.name, rank)
             used_cfg = alpha is not None
-        if up.dim() not in (2, 4) or down.dim() not in (2, 4) or up.shape[1] != rank:
+        if up.dim() not in (2, 4, 5) or down.dim() not in (2, 4, 5) or up.shape[1] != rank:
             raise FormatError(f"{mod.name}: {factors} are not LoRA factors of one rank")
         if up.dim() == 2 and down.dim() == 4:
             up = up.reshape(up.shape[0], rank, 1, 1)
@@ -877,16 +886,28 @@ def lora_from_state_dict(
         table = _table_of_arch(Arch(arch), built)
     if table is None:
         table = _choose_table(built, metadata)
+    generic = False
     if table is None:
         foreign = [b.name for b in built if not _kohya_named(b.name)]
+        if foreign and all(n.startswith(GENERIC_PREFIX) for n in foreign):
+            # ComfyUI-native names of a model with no record (core.generic): kept as they are
+            generic, foreign = True, []
+            notes.append("no architecture record: ComfyUI-native 'diffusion_model.<module>' names kept as "
+                         "they are, shapes not checked")
+            unsupported = _generic_bias_parts(sd, built, unsupported)
         if foreign:
             raise FormatError(
                 f"cannot map module names such as {_sample(foreign, 3)} to a known architecture "
                 "(SD1/SD2/SDXL); pass arch= to say which model the LoRA is for."
             )
-        notes.append("architecture not recognised: kohya names kept as they are, shapes not checked")
+        if not generic:
+            notes.append("architecture not recognised: kohya names kept as they are, shapes not checked")
 
     mapped = _map_modules(built, table)
+    if generic:
+        for key in sd:
+            if key.endswith(".diff_b") and key.startswith(GENERIC_PREFIX):
+                mapped.layers[key[: -len(".diff_b")] + ".bias"] = BiasDiffLayer(sd[key].float())
     _check_fit(mapped, built, table, explicit, skip_bad_modules)
     notes.extend(_report_notes(mapped, table, unknown, unsupported))
     skipped.extend(mapped.mismatched_names)

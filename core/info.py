@@ -22,7 +22,8 @@ def layer_spectrum(layer: LayerDelta) -> Spectrum:
     if isinstance(layer, LoraLayer):
         return decompose_factored(layer.up_matrix() * layer.scale, layer.down_matrix()).spectrum
     assert isinstance(layer, DiffLayer)
-    mat = as_matrix(layer.delta())
+    d = layer.delta()
+    mat = as_matrix(d) if d.dim() in (2, 4, 5) else d.reshape(1, -1)  # exact parts: σ1 = ‖Δ‖
     return decompose(mat, min(mat.shape), method=SvdMethod.EXACT, full_spectrum=True).spectrum
 
 

@@ -220,3 +220,27 @@ def test_resize_keeps_exact_parts_and_refactors_the_rest():
     assert small.layers["diffusion_model.blocks.0.ffn.0"].rank == 2
     assert any("exact part(s)" in n for n in report.notes)
     assert len(small.layers) == len(lora.layers)
+
+
+def test_generic_lora_file_reads_back_and_resizes(tmp_path):
+    """A saved generic LoRA (ComfyUI-native names, a Conv3d, .diff / .diff_b) is read back exactly by
+    Load LoRA's reader, with no architecture record, and resizes."""
+    from rankwise.core.io import load_lora, save_lora
+    from rankwise.core.resize import resize
+
+    layout = wan21_layout(dim=128, ffn=256, text_dim=64)
+    base = random_state_dict(layout, seed=9, dtype=torch.float32)
+    tuned, _ = planted_tuned(base, seed=10)
+    b, t = _views(base, tuned)
+    lora = extract_detailed(b, t, _options(rank=4, exact_parts=True)).lora
+    path = tmp_path / "wan.safetensors"
+    save_lora(lora, path, dtype=torch.float32)
+    got = load_lora(path)
+    back = got[0] if isinstance(got, tuple) else got
+    assert set(back.layers) == set(lora.layers)
+    for name, layer in lora.layers.items():
+        assert type(back.layers[name]) is type(layer), name
+        assert torch.allclose(back.layers[name].delta(), layer.delta(), atol=1e-7), name
+    small, _ = resize(back, RankPolicy(parse_rules("2")[0]))
+    assert small.layers["diffusion_model.patch_embedding"].rank == 2
+    assert isinstance(small.layers["diffusion_model.head.head.bias"], BiasDiffLayer)
