@@ -229,6 +229,14 @@ def merge_layer_terms(
     factored (stacked factors); any dense term makes the layer dense.
     """
     shape, terms = job.shape, job.terms
+    if LayerKind.of_shape(shape) is LayerKind.VECTOR:  # exact parts (.diff / .diff_b): summed exactly
+        total = functools.reduce(torch.add, [t.layer.delta() * t.coeff for t in terms])
+        part: LayerDelta = type(terms[0].layer)(total.to(dtype).contiguous())
+        return part, LayerStat(
+            name=name, kind=LayerKind.VECTOR, shape=tuple(shape), rank=part.rank, input_rank=None, retained=1.0,
+            norm=float(total.norm()), nbytes=part.nbytes(), status=LayerStatus.OK,
+            note=_join(job.note, "exact part: summed"), missing_in=job.missing_in,
+        )
     in_rank = sum(t.rank for t in terms)
     dense = not all(isinstance(t.layer, LoraLayer) for t in terms)
     if dense:

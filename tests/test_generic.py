@@ -244,3 +244,23 @@ def test_generic_lora_file_reads_back_and_resizes(tmp_path):
     small, _ = resize(back, RankPolicy(parse_rules("2")[0]))
     assert small.layers["diffusion_model.patch_embedding"].rank == 2
     assert isinstance(small.layers["diffusion_model.head.head.bias"], BiasDiffLayer)
+
+
+@pytest.mark.parametrize("mode", ["concat", "svd"])
+def test_merge_sums_exact_parts_exactly(mode):
+    from rankwise.core.merge import MergeInput, MergeMode, merge
+
+    layout = wan21_layout(dim=128, ffn=256, text_dim=64)
+    base = random_state_dict(layout, seed=13, dtype=torch.float32)
+    t1, _ = planted_tuned(base, seed=14)
+    t2, _ = planted_tuned(base, seed=15)
+    b = _views(base, base)[0]
+    l1 = extract_detailed(b, _views(t1, t1)[0], _options(rank=4, exact_parts=True)).lora
+    l2 = extract_detailed(b, _views(t2, t2)[0], _options(rank=4, exact_parts=True)).lora
+    policy = RankPolicy(parse_rules("4")[0]) if mode == "svd" else None
+    merged, _ = merge([MergeInput(l1, 0.5), MergeInput(l2, -2.0)], mode=MergeMode(mode), policy=policy,
+                      dtype=torch.float32)
+    for name in ("diffusion_model.blocks.0.ffn.0.bias", "diffusion_model.blocks.0.norm3", "diffusion_model.head.modulation"):
+        expected = 0.5 * l1.layers[name].delta() - 2.0 * l2.layers[name].delta()
+        assert type(merged.layers[name]) is type(l1.layers[name])
+        assert torch.allclose(merged.layers[name].delta(), expected, atol=1e-7), name
