@@ -124,6 +124,28 @@ def _policies(args: argparse.Namespace) -> list[RankPolicy]:
     ]
 
 
+def _selectors(policies: Sequence[RankPolicy], args: argparse.Namespace, metadata=None, arch=None) -> list:
+    """Global rules (``size:…``, ``params:…``) become budget selectors at the save dtype; their
+    allocation (size, ranks per kind and block, retained energy) is in the report notes, printed
+    before anything is written."""
+    from .budget import BudgetOptions, Weighting, budget_selectors
+
+    block_of = None
+    if arch is not None:
+        from .archs import key_table
+
+        table = key_table(arch)
+
+        def block_of(name: str):
+            spec = table.by_kohya(name)
+            return None if spec is None else spec.block
+
+    options = BudgetOptions(weighting=Weighting(getattr(args, "budget_weighting", "relative")),
+                            full_diff=bool(getattr(args, "full_diff", False)), dtype=DTYPES[args.dtype],
+                            metadata=dict(metadata or {}))
+    return budget_selectors(policies, options, block_of=block_of)
+
+
 def _output_paths(out: str, policies: Sequence[RankPolicy]) -> list[str]:
     """One output per policy; a sweep needs ``{rule}`` in the name or gets a suffix."""
     if len(policies) == 1:
@@ -228,9 +250,16 @@ def _add_rank_args(p: argparse.ArgumentParser, *, default_help: str) -> None:
     g.add_argument("--rank", type=int, help=f"fixed rank ({default_help})")
     g.add_argument(
         "--rule",
-        help="rank rule(s): 32 | sv_fro:0.9 | sv_ratio:20 | sv_cumulative:0.9 | threshold:0.01; "
-        "a comma list makes a sweep",
+        help="rank rule(s): 32 | sv_fro:0.9 | sv_ratio:20 | sv_cumulative:0.9 | threshold:0.01 | sv_knee | "
+        "size:160MB (file-size budget; MB = 10^6 B, MiB = 2^20 B) | size:0.25 (of the rank-128 size) | "
+        "params:20M; a comma list makes a sweep (one decomposition for all)",
     )
+    g.add_argument("--budget-weighting", choices=["relative", "absolute"], default="relative",
+                   help="size/params budgets: weigh each layer's kept ‖ΔW‖² by 1/‖W_base‖² (relative; extract "
+                   "only, resize/merge have no base) or not (absolute)")
+    g.add_argument("--full-diff", action="store_true",
+                   help="size/params budgets: a layer whose rank would pass min(out,in)/2 may be stored as an "
+                   "exact full difference (.diff), counted at its real size")
     g.add_argument("--max-rank", type=int, help="cap for dynamic rules")
     g.add_argument("--conv-rank", type=int, help="rank (or cap) for 3x3 conv layers")
     g.add_argument("--te-rank", type=int, help="rank (or cap) for text-encoder layers")
@@ -306,9 +335,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     )
     base, tuned = open_source(args.base), open_source(args.tuned)
     base, tuned, options = _generic_mode(args, base, tuned, options)
+    selectors = _selectors(policies, args)
     progress, close = _progress_bar(not args.no_progress, "extract")
     try:
-        results = extract_sweep_detailed(base, tuned, policies, options, progress=progress)
+        results = extract_sweep_detailed(base, tuned, selectors, options, progress=progress)
     finally:
         close()
     for result, path, report_json, png in zip(results, paths, reports, pngs):
@@ -375,9 +405,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
     plan = _plan(args, outputs, inputs)
     lora, read = load_lora(args.input, skip_bad_modules=args.skip_bad_modules)
     _print_read_report(read)
+    selectors = _selectors(policies, args, metadata=lora.metadata, arch=lora.arch)
     progress, close = _progress_bar(not args.no_progress, "resize")
     try:  # one pass for the whole sweep
-        results = resize_sweep(lora, policies, strength=args.strength, progress=progress, workers=args.workers)
+        results = resize_sweep(lora, selectors, strength=args.strength, progress=progress, workers=args.workers)
     finally:
         close()
     for (out, report), path, report_json in zip(results, paths, reports):
@@ -432,6 +463,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         lora, read = load_lora(path, skip_bad_modules=args.skip_bad_modules)
         _print_read_report(read, prefix=f"{path}: ")
         merge_inputs.append(MergeInput(lora=lora, ratio=ratio, name=os.path.basename(path)))
+    if policy is not None:  # a size budget becomes a budget selector at the save dtype
+        arch = next((i.lora.arch for i in merge_inputs if i.lora.arch is not None), None)
+        policy = _selectors([policy], args, arch=arch)[0]
     progress, close = _progress_bar(not args.no_progress, "merge")
     try:
         out, report = merge(merge_inputs, mode=mode, policy=policy, progress=progress, workers=args.workers)

@@ -64,6 +64,7 @@ from .clip import DEFAULT_TE_THRESHOLD, EncoderDiff, text_encoder_report
 from .errors import NonFiniteError, RankwiseError
 from .finite import is_finite, overflows
 from .metadata import build_metadata
+from .budget import budget_notes
 from .pipeline import (
     Decomposed, LayerFilter, LayerInfo, LayerLoop, RankDecision, RankPhase, RankSelector, ReadAhead, all_certain,
     layer_stat, selectors_of, skipped_stat, storage_bytes_per_rank, triplets_needed,
@@ -74,7 +75,7 @@ from .runtime import resolve_device  # noqa: F401  (public here too)
 from .report import LayerStat, Report
 from .sources import KeyStyle, PairReport, WeightSource, layer_source_key, preflight
 from .svd import SvdMethod, decompose, set_threads, singular_values, split_factors, sum_squares
-from .types import Lora, LoraLayer, SkipReason, as_matrix, factors_to_layer_shapes
+from .types import DiffLayer, Lora, LoraLayer, SkipReason, as_matrix, factors_to_layer_shapes
 
 Tensor = torch.Tensor
 
@@ -309,7 +310,10 @@ def _run(
                     phase.skip(_near_zero_stat(item, rel))
                 else:
                     info = _layer_info(item.spec, options.factor_dtype)
-                    phase.add(decompose_delta(item.delta, info, selectors, options, device, index))
+                    layer = decompose_delta(item.delta, info, selectors, options, device, index)
+                    layer.extra["base_fro2"] = item.base_norm ** 2  # for a size budget's relative weights
+                    layer.extra["block"] = item.spec.block
+                    phase.add(layer)
                 item.delta = None
                 loop.tick(item.spec.kohya)
             phase.finish()
@@ -363,7 +367,7 @@ def _near_zero_stat(item: _Item, rel: float) -> LayerStat:
 def _result(out: _Out, notes: list[str], base: WeightSource, tuned: WeightSource, options: ExtractOptions,
             pair: PairReport, encoders: tuple[EncoderDiff, ...], spectra: Mapping[str, Spectrum],
             title: str) -> ExtractResult:
-    out_notes = list(notes)
+    out_notes = list(notes) + budget_notes(out.selector)
     if out.kept_fp32:
         out_notes.append(f"{len(out.kept_fp32)} layers kept fp32 factors (values beyond "
                          f"{_dtype_name(options.factor_dtype)} range): {', '.join(out.kept_fp32[:5])}")
@@ -447,6 +451,12 @@ def layer_output(layer: Decomposed, decision: RankDecision, options: ExtractOpti
     spec_shape = layer.info.shape
     up, down = split_factors(layer.dec, r)
     up, down = up.float(), down.float()
+    if decision.full:  # a size budget chose the full difference: ΔW from all p triplets
+        diff = (up @ down).reshape(spec_shape).to("cpu")
+        stored = diff.to(options.factor_dtype)
+        kept32 = not bool(torch.isfinite(stored).all())
+        full = DiffLayer(diff.contiguous() if kept32 else stored.contiguous())
+        return full, layer_stat(layer, decision, full, note="full difference (.diff)", kept_fp32=kept32)
     error = None
     note = ""
     if options.clamp_quantile is not None:

@@ -55,6 +55,7 @@ from .blocks import block_labels, block_weight, parse_block_weights
 from .errors import MismatchError, RankwiseError
 from .metadata import build_metadata
 from .finite import raise_non_finite
+from .budget import budget_notes, carrying
 from .pipeline import (
     Decomposed, LayerFilter, RankDecision, RankPhase, RankSelector, iter_layers, layer_stat, selectors_of,
     skipped_stat,
@@ -449,7 +450,7 @@ def merge_sweep(
 
     names = _layer_names(inputs, active)
     jobs, unlabelled = _plan(inputs, active, names, blocks, flt)
-    selectors = selectors_of(policies) if mode is MergeMode.SVD else ()
+    selectors = carrying(selectors_of(policies), inputs[active[0]].lora.metadata) if mode is MergeMode.SVD else ()
     n_out = max(1, len(selectors))
     outs: list[dict[str, LayerDelta]] = [{} for _ in range(n_out)]
     stats: list[list[LayerStat]] = [[] for _ in range(n_out)]
@@ -502,6 +503,7 @@ def merge_sweep(
         rule_label = selectors[i].label if selectors else None
         layers = outs[i]
         notes = _notes(inputs, active, stats[i], arch, unlabelled, mode, empty_result=not layers)
+        notes = budget_notes(selectors[i]) + list(notes) if selectors else notes
         params, comment = _describe(inputs, active, mode, rule_label, flt)
         out = Lora(layers=layers, metadata={}, arch=arch)
         metadata = build_metadata(

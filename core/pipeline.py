@@ -343,6 +343,7 @@ class RankDecision:
     capped: bool = False
     requested: int | None = None
     certain: bool = True
+    full: bool = False  # store the exact full difference (.diff) instead of rank-``rank`` factors
 
 
 @runtime_checkable
@@ -405,8 +406,11 @@ class PolicySelector:
 
 
 def selectors_of(policies: Sequence[RankPolicy | RankSelector]) -> tuple[RankSelector, ...]:
-    """Policies (or selectors) → selectors."""
-    return tuple(p if not isinstance(p, RankPolicy) else PolicySelector(p) for p in policies)
+    """Policies (or selectors) → selectors; a global rule (``size:…``) becomes a
+    :class:`~.budget.BudgetSelector` with its default options."""
+    from .budget import budget_selectors
+
+    return tuple(p if not isinstance(p, RankPolicy) else PolicySelector(p) for p in budget_selectors(policies))
 
 
 def triplets_needed(selectors: Sequence[RankSelector], layer: Decomposed) -> int:

@@ -11,7 +11,20 @@ rule (``name:v``)   rank chosen
 ``sv_cumulative:τ`` smallest k with Σ_{i≤k} σᵢ ≥ τ · Σ σᵢ  (LyCORIS ``quantile`` τ; see below)
 ``sv_fro:τ``        smallest k with √(Σ_{i≤k} σᵢ²) ≥ τ · ‖ΔW‖_F
 ``threshold:t``     #{σᵢ > t}  (LyCORIS ``threshold``)
+``sv_knee``         the Kneedle knee of the normalised spectrum (:func:`knee_rank`)
+``size:160MB``      global: the ranks that keep the most weighted energy in a file of at most
+                    that many bytes (:mod:`.budget`); units B, KB, MB, GB (decimal: 1 MB = 10⁶ B)
+                    and KiB, MiB, GiB (binary: 1 MiB = 2²⁰ B)
+``size:0.25``       global: a fraction in (0, 1] of the size of the same layers at fixed rank 128
+                    (each layer at min(128, p)); a number without a unit must be such a fraction
+``params:N``        global: at most N stored factor values Σ r·(out + in·kh·kw) (alphas not
+                    counted); N may end in K, M or G (10³, 10⁶, 10⁹)
 ==================  ==========================================================================
+
+*Global* rules (``size``, ``params``; :attr:`RankRule.is_global`) cannot pick a layer's rank from
+its own spectrum: a pipeline decomposes every layer first (factors at the cap; the cap defaults to
+:data:`GLOBAL_DEFAULT_CAP` when ``max_rank`` is unset), then :mod:`.budget` allocates the ranks
+across layers. :func:`select_rank` refuses them.
 
 Off-by-one differences from the peers (re-derived, see the README):
 
@@ -26,6 +39,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +54,22 @@ class RuleKind(str, enum.Enum):
     SV_CUMULATIVE = "sv_cumulative"
     SV_FRO = "sv_fro"
     THRESHOLD = "threshold"
+    SV_KNEE = "sv_knee"
+    SIZE = "size"  # value: bytes
+    SIZE_FRACTION = "size_fraction"  # value: fraction of the rank-128 size; written "size:0.25"
+    PARAMS = "params"  # value: stored factor values
+
+
+GLOBAL_KINDS = frozenset({RuleKind.SIZE, RuleKind.SIZE_FRACTION, RuleKind.PARAMS})
+GLOBAL_DEFAULT_CAP = 128
+"""The per-layer cap of a global rule when ``max_rank`` is unset (the factors kept before allocating)."""
+SIZE_REFERENCE_RANK = 128
+"""``size:f`` is a fraction f of the file with every layer at rank min(128, p)."""
+SIZE_UNITS: dict[str, int] = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+}
+COUNT_SUFFIXES: dict[str, int] = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -62,10 +92,16 @@ class RankRule:
             )
         if self.kind is RuleKind.THRESHOLD and v < 0:
             raise RankwiseError(f"threshold must be ≥ 0, got {self.value}")
+        _check_extended(self.kind, v)
 
     @property
     def is_fixed(self) -> bool:
         return self.kind is RuleKind.FIXED
+
+    @property
+    def is_global(self) -> bool:
+        """True for budget rules (``size``, ``params``): all layers' spectra are needed first."""
+        return self.kind in GLOBAL_KINDS
 
     @staticmethod
     def parse(text: str) -> "RankRule":
@@ -73,6 +109,9 @@ class RankRule:
         s = str(text).strip().lower()
         if not s:
             raise RankwiseError("empty rank rule")
+        extended = _parse_extended(s)
+        if extended is not None:
+            return extended
         for sep in (":", "="):
             if sep in s:
                 name, _, val = s.partition(sep)
@@ -93,6 +132,8 @@ class RankRule:
     def __str__(self) -> str:
         if self.is_fixed:
             return str(int(self.value))
+        if self.kind in _EXTENDED_STR:
+            return _EXTENDED_STR[self.kind](self.value)
         return f"{self.kind.value}:{self.value:g}"
 
 
@@ -141,12 +182,16 @@ class RankPolicy:
             return int(self.te_rank)
         if self.rule.is_fixed:
             return int(self.rule.value)
+        if self.max_rank is None and self.rule.is_global:
+            return GLOBAL_DEFAULT_CAP
         return None if self.max_rank is None else int(self.max_rank)
 
     def needed_values(self, full_rank: int, kind: LayerKind, is_text_encoder: bool = False) -> int:
         """How many leading singular values a decomposition must deliver for this policy."""
         cap = self.cap(kind, is_text_encoder)
         k = full_rank if cap is None else min(cap, full_rank)
+        if self.rule.kind is RuleKind.SV_KNEE:
+            k = full_rank  # the knee is defined on the whole spectrum
         if self.kohya_compat and not self.rule.is_fixed:
             k = min(k + 1, full_rank)
         return max(k, 1)
@@ -228,6 +273,13 @@ def minimal_rank(spectrum: Spectrum, rule: RankRule) -> tuple[int | None, int | 
     if q == 0:
         return 0, (0 if complete else None)
     kind, v = rule.kind, float(rule.value)
+    if rule.is_global:
+        raise RankwiseError(f"{rule} is a global rule: ranks come from core.budget.allocate, not per layer")
+    if kind is RuleKind.SV_KNEE:
+        if not complete:
+            return 1, None
+        k = knee_rank(s)
+        return k, k
     if kind is RuleKind.FIXED:
         k = min(int(v), p)
         return k, k
@@ -288,3 +340,108 @@ def select_rank(
 
     a, b = finish(lo), finish(hi)
     return RankChoice(a if a == b else b, a == b)
+
+
+# ---------------------------------------------------------------------------------------------
+# sv_knee and the global (budget) rules
+# ---------------------------------------------------------------------------------------------
+
+
+def knee_rank(values: torch.Tensor) -> int:
+    """The Kneedle knee of a descending spectrum σ₁ ≥ … ≥ σₙ (n = all singular values).
+
+    Both axes are normalised to [0, 1]: xᵢ = (i − 1)/(n − 1) and yᵢ = (σᵢ − σₙ)/(σ₁ − σₙ), so the
+    curve runs from (0, 1) to (1, 0) and is below the chord y = 1 − x where the spectrum is convex.
+    The difference curve is dᵢ = (1 − xᵢ) − yᵢ; the knee is the first i with the largest dᵢ, and
+    the rank is that i (1-based). KJNodes' ``sv_knee`` takes the same argmax on 0-based indices and
+    adds one, i.e. the same rank. Degenerate spectra: n = 1 → 1; σ₁ = 0 → 1; σ₁ = σₙ > 0 (flat, no
+    knee) → n.
+    """
+    s = values.double().flatten().cpu()
+    n = int(s.numel())
+    if n <= 1 or float(s[0]) <= 0.0:
+        return 1
+    lo, hi = float(s[-1]), float(s[0])
+    if hi - lo <= 0.0:
+        return n
+    x = torch.arange(n, dtype=torch.float64) / (n - 1)
+    y = (s - lo) / (hi - lo)
+    d = (1.0 - x) - y
+    return int(torch.argmax(d)) + 1  # torch.argmax returns the first maximum
+
+
+def parse_size(text: str) -> int:
+    """``"160MB"`` → 160 000 000, ``"1.5GiB"`` → 1 610 612 736 (rounded down to whole bytes)."""
+    m = _NUMBER_UNIT.match(str(text).strip().lower())
+    if m is None or m.group(2) not in SIZE_UNITS:
+        units = ", ".join(u.upper().replace("I", "i") for u in SIZE_UNITS)
+        raise RankwiseError(f"size {text!r}: give a number and a unit ({units}), e.g. 160MB")
+    return int(math.floor(float(m.group(1)) * SIZE_UNITS[m.group(2)]))
+
+
+def _parse_count(text: str) -> int:
+    m = _NUMBER_UNIT.match(str(text).strip().lower())
+    n = float(m.group(1)) * COUNT_SUFFIXES[m.group(2)] if m and m.group(2) in COUNT_SUFFIXES else -1.0
+    if n < 1 or n != int(n):
+        raise RankwiseError(f"params {text!r}: give a whole number ≥ 1, optionally with K, M or G (e.g. 20M)")
+    return int(n)
+
+
+def _parse_extended(s: str) -> "RankRule | None":
+    """``sv_knee``, ``size:…``, ``params:…`` (lower-cased, stripped); None for the other rules."""
+    name, sep, val = s.replace("=", ":", 1).partition(":")
+    name, val = name.strip(), val.strip()
+    if name == RuleKind.SV_KNEE.value:
+        if sep and val:
+            raise RankwiseError(f"sv_knee takes no value, got {s!r}")
+        return RankRule(RuleKind.SV_KNEE, 0.0)
+    if name == RuleKind.SIZE.value:
+        if _NUMBER_UNIT.match(val) and not _NUMBER_UNIT.match(val).group(2):
+            f = float(val)
+            if not 0.0 < f <= 1.0:
+                raise RankwiseError(
+                    f"size {val!r}: a number without a unit is a fraction in (0, 1] of the rank-128 "
+                    f"size; for bytes add a unit, e.g. size:{val}MB"
+                )
+            return RankRule(RuleKind.SIZE_FRACTION, f)
+        return RankRule(RuleKind.SIZE, parse_size(val))
+    if name == RuleKind.SIZE_FRACTION.value:
+        return RankRule(RuleKind.SIZE_FRACTION, float(val))
+    if name == RuleKind.PARAMS.value:
+        return RankRule(RuleKind.PARAMS, _parse_count(val))
+    return None
+
+
+def _check_extended(kind: RuleKind, v: float) -> None:
+    if kind is RuleKind.SIZE and (v < 1 or v != int(v)):
+        raise RankwiseError(f"a size budget must be a whole number of bytes ≥ 1, got {v:g}")
+    if kind is RuleKind.SIZE_FRACTION and not 0.0 < v <= 1.0:
+        raise RankwiseError(f"size as a fraction of the rank-128 size must be in (0, 1], got {v:g}")
+    if kind is RuleKind.PARAMS and (v < 1 or v != int(v)):
+        raise RankwiseError(f"a parameter budget must be a whole number ≥ 1, got {v:g}")
+
+
+def _size_str(v: float) -> str:
+    b = int(v)
+    for unit in ("GB", "MB", "KB", "GiB", "MiB", "KiB"):
+        factor = SIZE_UNITS[unit.lower()]
+        if b >= factor and b % factor == 0:
+            return f"size:{b // factor}{unit}"
+    return f"size:{b}B"
+
+
+def _count_str(v: float) -> str:
+    n = int(v)
+    for suffix in ("G", "M", "K"):
+        factor = COUNT_SUFFIXES[suffix.lower()]
+        if n >= factor and n % factor == 0:
+            return f"params:{n // factor}{suffix}"
+    return f"params:{n}"
+
+
+_EXTENDED_STR = {
+    RuleKind.SV_KNEE: lambda v: "sv_knee",
+    RuleKind.SIZE: _size_str,
+    RuleKind.SIZE_FRACTION: lambda v: f"size:{v:g}",
+    RuleKind.PARAMS: _count_str,
+}

@@ -40,6 +40,7 @@ import torch
 from .errors import RankwiseError
 from .finite import non_finite_parts, raise_non_finite
 from .metadata import build_metadata
+from .budget import budget_notes, carrying
 from .pipeline import (
     Decomposed, LayerInfo, PolicySelector, RankDecision, RankPhase, RankSelector, iter_layers, is_text_encoder,
     layer_stat, run_layers, selectors_of, skipped_stat, storage_bytes_per_rank, triplets_needed,
@@ -117,6 +118,8 @@ def layer_output(layer: Decomposed, decision: RankDecision, *, scale: float, dty
     """The rank-k plain LoRA layer: alpha/rank kept (``alpha = scale·k``), ΔW_k = scale·up·down."""
     k = decision.rank
     up, down = split_factors(layer.dec, k)
+    if decision.full:  # a size budget chose the exact full difference (.diff)
+        return DiffLayer((up @ down).reshape(layer.info.shape).to(dtype).contiguous())
     return to_layer(up / scale, down, scale * k, layer.info.shape, dtype)
 
 
@@ -262,7 +265,8 @@ def resize_sweep(
         raise RankwiseError("the input LoRA has no layers to resize")
     if not policies:
         raise ValueError("resize_sweep needs at least one rank policy")
-    selectors = selectors_of(policies)
+    # a size budget reserves the carried metadata and the exact parts' bytes
+    selectors = carrying(selectors_of(policies), lora.metadata, _exact_parts(lora))
     # exact parts (1-D weights, biases, parameters: .diff / .diff_b) are not low-rank: kept (_finish)
     names = [n for n in lora.layers if n not in _exact_parts(lora)]
     outs: list[dict[str, LoraLayer]] = [{} for _ in selectors]
@@ -301,7 +305,7 @@ def _exact_parts(lora: Lora) -> dict[str, LayerDelta]:
 
 def _finish(lora: Lora, selector: RankSelector, layers: dict[str, LoraLayer], stats: list[LayerStat],
             strength: float) -> tuple[Lora, Report]:
-    notes: list[str] = []
+    notes: list[str] = budget_notes(selector)
     exact = _exact_parts(lora)
     for name, layer in exact.items():
         layers[name] = layer if strength == 1.0 else type(layer)((layer.diff.float() * strength).to(layer.diff.dtype))

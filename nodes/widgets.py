@@ -113,7 +113,7 @@ def parse_policies(
         raise RankwiseError(
             f"rank rules {str(rules)!r}: {e}. Write a rank (\"32\"), a comma list for a sweep "
             f"(\"8,16,32\") or dynamic rules such as \"sv_fro:0.9\", \"sv_ratio:20\", "
-            f"\"sv_cumulative:0.9\", \"threshold:0.01\""
+            f"\"sv_cumulative:0.9\", \"threshold:0.01\", \"sv_knee\", or a file-size budget \"size:160MB\""
         ) from None
     unique = list(dict.fromkeys(parsed))
     floor = optional_rank(min_rank, "min_rank") or 1
@@ -158,6 +158,8 @@ def rule_label(rule: RankRule) -> str:
     """A short human label: ``"rank 16"`` for fixed rules, ``"sv_fro 0.9"`` otherwise."""
     if rule.is_fixed:
         return f"rank {int(rule.value)}"
+    if rule.is_global or rule.kind.value == "sv_knee":  # "size:160MB", "params:20M", "sv_knee"
+        return str(rule).replace(":", " ")
     return f"{rule.kind.value} {float(rule.value):g}"
 
 

@@ -159,3 +159,102 @@ def test_fixed_rank_capped_by_dimensions():
     s = spectrum_of([3.0, 2.0, 1.0])
     assert select_rank(s, RankRule.parse("128")).rank == 3
     assert select_rank(s, RankRule.parse("128"), cap=128).rank == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# sv_knee and the global rules (size, params)
+
+from rankwise.core.rank import GLOBAL_DEFAULT_CAP, knee_rank, parse_size  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "text, kind, value, shown",
+    [
+        ("size:160MB", RuleKind.SIZE, 160_000_000, "size:160MB"),
+        ("size=1.5GiB", RuleKind.SIZE, 1_610_612_736, "size:1536MiB"),
+        ("SIZE:80mb", RuleKind.SIZE, 80_000_000, "size:80MB"),
+        ("size:123457B", RuleKind.SIZE, 123_457, "size:123457B"),
+        ("size:512KiB", RuleKind.SIZE, 524_288, "size:512KiB"),
+        ("size:0.25", RuleKind.SIZE_FRACTION, 0.25, "size:0.25"),
+        ("size:1", RuleKind.SIZE_FRACTION, 1.0, "size:1"),
+        ("params:20M", RuleKind.PARAMS, 20_000_000, "params:20M"),
+        ("params:1234", RuleKind.PARAMS, 1234, "params:1234"),
+        ("sv_knee", RuleKind.SV_KNEE, 0.0, "sv_knee"),
+    ],
+)
+def test_parse_extended_rules(text, kind, value, shown):
+    rule = RankRule.parse(text)
+    assert rule.kind is kind and rule.value == value
+    assert str(rule) == shown and RankRule.parse(str(rule)) == rule
+    assert rule.is_global == (kind in (RuleKind.SIZE, RuleKind.SIZE_FRACTION, RuleKind.PARAMS))
+
+
+def test_units_decimal_and_binary():
+    assert parse_size("1KB") == 1000 and parse_size("1KiB") == 1024
+    assert parse_size("1MB") == 10**6 and parse_size("1MiB") == 2**20
+    assert parse_size("1GB") == 10**9 and parse_size("1GiB") == 2**30
+    assert parse_size("7B") == 7
+
+
+@pytest.mark.parametrize("bad", ["size:2", "size:0", "size:5XB", "size:MB", "params:abc", "params:1.5",
+                                 "sv_knee:3", "size:0.5B"])
+def test_extended_rules_refuse_bad_values(bad):
+    with pytest.raises(ValueError):
+        RankRule.parse(bad)
+
+
+def test_sweeps_mix_budgets_and_ranks():
+    rules = parse_rules("size:80MB,size:160MB,32; sv_knee")
+    assert [str(r) for r in rules] == ["size:80MB", "size:160MB", "32", "sv_knee"]
+    assert [r.is_global for r in rules] == [True, True, False, False]
+
+
+def test_global_rules_are_not_per_layer():
+    with pytest.raises(ValueError, match="global"):
+        select_rank(spectrum_of(HEAVY), RankRule.parse("size:10MB"))
+    policy = RankPolicy(RankRule.parse("size:10MB"))
+    assert policy.cap(LayerKind.LINEAR) == GLOBAL_DEFAULT_CAP
+    assert RankPolicy(RankRule.parse("size:10MB"), max_rank=64).cap(LayerKind.LINEAR) == 64
+    assert policy.needed_values(320, LayerKind.LINEAR) == GLOBAL_DEFAULT_CAP
+
+
+def _kneedle_reference(s):
+    """The definition, written out: x = (i−1)/(n−1), y = (σ−σₙ)/(σ₁−σₙ), argmax (1 − x) − y."""
+    n = len(s)
+    best, arg = -math.inf, 0
+    for i in range(n):
+        x = i / (n - 1)
+        y = (s[i] - s[-1]) / (s[0] - s[-1])
+        if (1 - x) - y > best:
+            best, arg = (1 - x) - y, i
+    return arg + 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 100.0), min_size=3, max_size=40))
+def test_knee_matches_its_definition(values):
+    s = sorted(values, reverse=True)
+    if s[0] == s[-1]:
+        return
+    assert knee_rank(torch.tensor(s, dtype=torch.float64)) == _kneedle_reference(s)
+
+
+def test_knee_of_an_elbow_and_degenerate_spectra():
+    # a sharp elbow: 5 large values, then a slow tail. The knee is the corner of the curve, the
+    # first value of the tail (Kneedle's point farthest below the chord), so the rank is 6.
+    s = torch.tensor([10.0, 9.5, 9.0, 8.5, 8.0] + [0.5 - 0.01 * i for i in range(45)], dtype=torch.float64)
+    assert knee_rank(s) == 6
+    assert knee_rank(torch.tensor([3.0])) == 1
+    assert knee_rank(torch.zeros(8, dtype=torch.float64)) == 1
+    assert knee_rank(torch.ones(8, dtype=torch.float64)) == 8
+
+
+def test_sv_knee_rule_needs_the_whole_spectrum():
+    rule = RankRule.parse("sv_knee")
+    policy = RankPolicy(rule, max_rank=16)
+    assert policy.needed_values(64, LayerKind.LINEAR) == 64
+    full = spectrum_of(HEAVY)
+    choice = select_rank(full, rule, cap=16)
+    assert choice.certain and choice.rank == min(16, knee_rank(full.values))
+    partial = spectrum_of(HEAVY, known=10)
+    assert not select_rank(partial, rule, cap=16).certain

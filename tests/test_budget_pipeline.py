@@ -1,0 +1,209 @@
+"""Size budgets through the pipeline: extract, resize and merge on a reduced planted SDXL pair."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rankwise.core import extract as extract_mod
+from rankwise.core.archs import key_table
+from rankwise.core.budget import BudgetOptions, BudgetSelector, Storage, Weighting
+from rankwise.core.extract import ExtractOptions, extract_sweep_detailed, layer_selected
+from rankwise.core.io import save_lora
+from rankwise.core.merge import MergeInput, MergeMode, merge_sweep
+from rankwise.core.rank import RankPolicy, RankRule
+from rankwise.core.resize import resize_sweep
+from rankwise.core.sources import StateDictSource
+from rankwise.core.synthetic import DeltaKind, PlantedDelta, planted_delta, random_weights
+from rankwise.core.types import Arch, DiffLayer
+
+PATTERN = ("lora_unet_input_blocks_4_*", "lora_unet_output_blocks_2_*", "lora_unet_middle_block_*", "lora_te2_*")
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair():
+    return planted_sdxl_pair()
+
+
+def planted_sdxl_pair():
+    """A reduced SDXL-like pair (tiny table, a few blocks + TE2) with a full-rank heavy-tailed ΔW
+    whose size varies by layer, so layers deserve different ranks."""
+    table = key_table(Arch.SDXL, "tiny")
+    specs = [s for s in table.layers if layer_selected(s.kohya, PATTERN, ())]
+    base = {k: v.float() for k, v in random_weights(table, seed=3, dtype=torch.float32)}
+    tuned = dict(base)
+    for i, spec in enumerate(specs):
+        delta = PlantedDelta(kind=DeltaKind.HEAVY_TAIL if i % 3 else DeltaKind.LOWRANK, rank=3 + i % 7,
+                             noise=0.05, scale=0.02 * (1 + i % 5))
+        dw = planted_delta(spec, delta, seed=1)
+        w = tuned[spec.checkpoint_key].clone()
+        if spec.rows is None:
+            w += dw
+        else:
+            w[spec.rows[0]:spec.rows[1]] += dw
+        tuned[spec.checkpoint_key] = w
+    base_fro2 = {}
+    for spec in specs:
+        w = base[spec.checkpoint_key]
+        if spec.rows is not None:
+            w = w[spec.rows[0]:spec.rows[1]]
+        base_fro2[spec.kohya] = float(w.double().pow(2).sum())
+    return StateDictSource(base, "xl-base"), StateDictSource(tuned, "xl-tuned"), base_fro2
+
+
+def _opts(policy):
+    return ExtractOptions(policy=policy, include=PATTERN, text_encoders="all", factor_dtype=torch.float32)
+
+
+def _weighted(result, base_fro2) -> float:
+    """Σ_l E_l(r_l)/‖W_base,l‖² of a result, from its spectra and the ranks it wrote."""
+    total = 0.0
+    for name, layer in result.lora.layers.items():
+        spec = result.spectra[name]
+        e = spec.fro2 if isinstance(layer, DiffLayer) else spec.energy(layer.rank)
+        total += e / base_fro2[name]
+    return total
+
+
+def test_size_budget_beats_every_fixed_rank_and_sv_fro_no_larger(sdxl_pair, tmp_path, monkeypatch):
+    base, tuned, base_fro2 = sdxl_pair
+    calls = []
+    real = extract_mod._decompose
+    monkeypatch.setattr(extract_mod, "_decompose", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    fixed = [RankPolicy(RankRule.parse(str(r))) for r in (1, 2, 4, 6, 8, 12, 16)]
+    fro = [RankPolicy(RankRule.parse(f"sv_fro:{t}"), max_rank=64) for t in (0.5, 0.7, 0.8, 0.9, 0.95)]
+    results = extract_sweep_detailed(base, tuned, fixed + fro, _opts(fixed[0]))
+    sizes = []
+    for i, r in enumerate(results):
+        sizes.append(save_lora(r.lora, tmp_path / f"ref{i}.safetensors", dtype=torch.float16).bytes)
+    one_pass = len(calls)
+
+    targets = [sizes[2], sizes[4], (sizes[3] + sizes[5]) // 2]
+    budget_rules = [RankPolicy(RankRule(RankRule.parse("size:1MB").kind, t)) for t in targets]
+    calls.clear()
+    budgets = extract_sweep_detailed(base, tuned, budget_rules, _opts(budget_rules[0]))
+    assert len(calls) == len(base_fro2) <= one_pass  # three budgets: one decomposition per layer
+
+    for target, res in zip(targets, budgets):
+        got = save_lora(res.lora, tmp_path / f"b{target}.safetensors", dtype=torch.float16)
+        assert 0.99 * target <= got.bytes <= target, (target, got.bytes)
+        mine = _weighted(res, base_fro2)
+        for r, size in zip(results, sizes):
+            if size <= got.bytes:
+                assert mine >= _weighted(r, base_fro2) * (1 - 1e-9), (r.report.params["rule"], size)
+        ranks = {layer.rank for layer in res.lora.layers.values()}
+        assert len(ranks) > 1  # the budget is spread unevenly
+
+
+def test_predicted_size_and_sweep_cost_one_decomposition(sdxl_pair, tmp_path):
+    base, tuned, _ = sdxl_pair
+    sels = [BudgetSelector(RankPolicy(RankRule.parse(t), max_rank=32)) for t in ("size:300KB", "size:500KB")]
+    out = extract_sweep_detailed(base, tuned, sels, _opts(sels[0].policy))
+    for sel, res in zip(sels, out):
+        plan = sel.last_plan
+        assert plan.ranks() == {n: l.rank for n, l in res.lora.layers.items()}
+        text = sel.describe()
+        assert "per block" in text and "retained" in text
+        got = save_lora(res.lora, tmp_path / f"{sel.rule}.safetensors".replace(":", ""), dtype=torch.float16)
+        # the plan's prediction lacks only the pipeline's metadata, which the reserve covers
+        assert plan.predicted_bytes <= got.bytes <= plan.target
+
+
+def test_resize_to_a_size_with_strength_folded(sdxl_pair, tmp_path):
+    base, tuned, _ = sdxl_pair
+    src = extract_sweep_detailed(base, tuned, [RankPolicy(RankRule.parse("32"))], _opts(RankPolicy(RankRule.parse("32"))))[0]
+    target = 1_000_000
+    rule = RankPolicy(RankRule(RankRule.parse("size:1MB").kind, target))
+    (small, report), (fixed8, _) = resize_sweep(src.lora, [rule, RankPolicy(RankRule.parse("8"))], strength=0.7)
+    got = save_lora(small, tmp_path / "s.safetensors", dtype=torch.float16)
+    assert 0.99 * target <= got.bytes <= target
+    for name, layer in small.layers.items():  # ΔW_out is a truncation of 0.7·ΔW_in
+        full = 0.7 * src.lora.layers[name].delta().double()
+        err = (layer.delta().double() - full).norm()
+        assert err <= full.norm() * (1 + 1e-5)
+    # absolute energy kept (resize has no base): ≥ the fixed rank whose file is no larger
+    f8 = save_lora(fixed8, tmp_path / "f8.safetensors", dtype=torch.float16).bytes
+    kept = lambda lora: sum(float(l.delta().double().pow(2).sum()) for l in lora.layers.values())
+    if f8 <= got.bytes:
+        assert kept(small) >= kept(fixed8) * (1 - 1e-6)
+
+
+def test_merge_to_a_size(sdxl_pair, tmp_path):
+    base, tuned, _ = sdxl_pair
+    p = RankPolicy(RankRule.parse("16"))
+    a = extract_sweep_detailed(base, tuned, [p], _opts(p))[0].lora
+    target = 600_000
+    rule = RankPolicy(RankRule(RankRule.parse("size:1MB").kind, target))
+    (out, report), = merge_sweep([MergeInput(a, 1.0, "a"), MergeInput(a, -0.5, "b")], [rule], mode=MergeMode.SVD)
+    got = save_lora(out, tmp_path / "m.safetensors", dtype=torch.float16)
+    assert 0.99 * target <= got.bytes <= target
+
+
+def test_full_diff_past_break_even(sdxl_pair, tmp_path):
+    base, tuned, _ = sdxl_pair
+    sel = BudgetSelector(RankPolicy(RankRule.parse("size:100MB"), max_rank=64),
+                         BudgetOptions(full_diff=True, weighting=Weighting.ABSOLUTE))
+    res = extract_sweep_detailed(base, tuned, [sel], _opts(sel.policy))[0]
+    diffs = [n for n, s in sel.last_plan.storage().items() if s is Storage.DIFF]
+    assert diffs and all(isinstance(res.lora.layers[n], DiffLayer) for n in diffs)
+    got = save_lora(res.lora, tmp_path / "d.safetensors", dtype=torch.float16)
+    assert got.bytes <= sel.last_plan.target
+    for n in diffs[:5]:  # exact up to the fp32 reconstruction and the fp16 cast
+        d = res.lora.layers[n].delta().double()
+        assert d.pow(2).sum().item() == pytest.approx(res.spectra[n].fro2, rel=1e-3)
+
+
+def test_sv_knee_through_extract(sdxl_pair):
+    from rankwise.core.rank import knee_rank
+
+    base, tuned, _ = sdxl_pair
+    p = RankPolicy(RankRule.parse("sv_knee"), max_rank=24)
+    res = extract_sweep_detailed(base, tuned, [p], _opts(p))[0]
+    for name, layer in list(res.lora.layers.items())[:40]:
+        spec = res.spectra[name]
+        assert spec.complete
+        assert layer.rank == min(24, knee_rank(spec.values))
+
+
+def test_cli_size_budget_sweep_dry_run_and_files(tmp_path, capsys):
+    from rankwise.core.cli import main
+    from rankwise.core.synthetic import write_checkpoint_pair
+
+    b, t = tmp_path / "b.safetensors", tmp_path / "t.safetensors"
+    write_checkpoint_pair(b, t, Arch.SDXL, size="tiny", delta=PlantedDelta(kind=DeltaKind.HEAVY_TAIL, scale=0.05))
+    out = tmp_path / "x_{rule}.safetensors"
+    assert main(["extract", str(b), str(t), "--rule", "size:1500KB,size:2MB", "--dry-run", "--no-progress",
+                 "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "size:1500KB: target 1,500,000 bytes" in text and "size:2MB: target" in text
+    assert "per block" in text and "OUT08" in text and not list(tmp_path.glob("x_*"))
+    assert main(["extract", str(b), str(t), "--rule", "size:2MB", "--no-progress", "-o", str(out)]) == 0
+    made = tmp_path / "x_size2MB.safetensors"
+    assert 0.99 * 2e6 <= os.path.getsize(made) <= 2e6
+    small = tmp_path / "r.safetensors"
+    assert main(["resize", str(made), "--rule", "size:1MB", "--strength", "0.8", "--no-progress",
+                 "-o", str(small)]) == 0
+    assert 0.99 * 1e6 <= os.path.getsize(small) <= 1e6
+    merged = tmp_path / "m.safetensors"
+    assert main(["merge", f"{made}:1", f"{small}:-0.5", "--rule", "size:800KB", "--no-progress",
+                 "-o", str(merged)]) == 0
+    assert 0.99 * 8e5 <= os.path.getsize(merged) <= 8e5
+
+
+def test_params_budget_and_fraction_through_resize(sdxl_pair):
+    import math as _m
+
+    base, tuned, _ = sdxl_pair
+    p = RankPolicy(RankRule.parse("32"))
+    src = extract_sweep_detailed(base, tuned, [p], _opts(p))[0].lora
+    n = 200_000
+    rules = [RankPolicy(RankRule.parse(f"params:{n}")), RankPolicy(RankRule.parse("size:0.5"))]
+    (by_params, rep), (half, _) = resize_sweep(src, rules)
+    values = sum(l.rank * (l.weight_shape[0] + _m.prod(l.weight_shape[1:])) for l in by_params.layers.values())
+    assert 0.99 * n <= values <= n
+    assert any("params:200K: target 200,000 values" in note for note in rep.notes)
+    # size:0.5 of the rank-128 size; the input is rank 32, so every layer sits at its limit at most
+    assert all(half.layers[k].rank <= src.layers[k].rank for k in src.layers)
