@@ -121,7 +121,7 @@ class RankRule:
         try:
             kind = RuleKind(name.strip())
         except ValueError:
-            names = ", ".join(k.value for k in RuleKind)
+            names = ", ".join(k.value for k in RuleKind if k is not RuleKind.SIZE_FRACTION)
             raise RankwiseError(f"unknown rank rule {name!r}; use one of: {names}") from None
         try:
             value = float(val)

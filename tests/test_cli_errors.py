@@ -44,7 +44,7 @@ def _error(capsys, argv) -> str:
 RANK_CASES = [
     (["--rank", "0"], "a fixed rank must be a whole number ≥ 1, got 0"),
     (["--rule", "sv_fro:1.5"], "sv_fro takes a fraction in (0, 1], got 1.5"),
-    (["--rule", "foo:3"], "unknown rank rule 'foo'; use one of: fixed, sv_ratio, sv_cumulative, sv_fro, threshold"),
+    (["--rule", "foo:3"], "unknown rank rule 'foo'; use one of: fixed, sv_ratio, sv_cumulative, sv_fro, threshold, sv_knee, size, params"),
     (["--rule", ","], "no rank rule in ','"),
     (["--min-rank", "0"], "min_rank must be ≥ 1, got 0"),
     (["--rule", "sv_fro:0.9", "--min-rank", "50", "--max-rank", "10"],
