@@ -544,12 +544,12 @@ class LayerInfo:
 class BudgetOptions:
     """``weighting``: the objective's layer weights. ``full_diff``: offer a full ``.diff`` for layers
     whose cap reaches half of min(out, in·kh·kw) (break-even of a factorisation). ``dtype``: the save
-    dtype. ``metadata``: the metadata the file will carry (its bytes are reserved), plus
+    dtype (None: not known yet, as in a node graph — sized for fp16 and bf16 alike). ``metadata``: the metadata the file will carry (its bytes are reserved), plus
     ``metadata_slack`` bytes for values that change with the ranks (``ss_network_dim``…)."""
 
     weighting: Weighting = Weighting.RELATIVE
     full_diff: bool = False
-    dtype: torch.dtype = torch.float16
+    dtype: torch.dtype | None = None  # None: not known yet (a node graph) — any 16-bit dtype fits
     metadata: Mapping[str, str] = field(default_factory=dict)
     metadata_slack: int = 256
 
@@ -630,6 +630,8 @@ def plan_budget(
     if not rule.is_global:
         raise ValueError(f"{rule} is not a global rule")
     md = dict(options.metadata)
+    # the save dtype; unknown: fp16 and bf16 (same data bytes, "BF16" one header byte longer), the larger
+    dtypes = (options.dtype,) if options.dtype is not None else (torch.float16, torch.bfloat16)
     if rule.kind is RuleKind.PARAMS:
         target, overhead = int(rule.value), 0
         cost_of: Callable[[LayerInfo, int], LayerCost] = lambda info, hi: params_layer_cost(info.weight_shape)
@@ -637,11 +639,12 @@ def plan_budget(
         if rule.kind is RuleKind.SIZE:
             target = int(rule.value)
         else:
-            target = int(math.floor(float(rule.value) * reference_bytes(infos, options.dtype, md)))
+            target = int(math.floor(float(rule.value) * reference_bytes(infos, dtypes[0], md)))
         overhead = file_overhead(md) + int(options.metadata_slack)
         digits = _digits(target)
-        cost_of = lambda info, hi: lora_layer_cost(info.name, info.weight_shape, options.dtype,
-                                                   max_rank=hi, offset_digits=digits)
+        cost_of = lambda info, hi: max((lora_layer_cost(info.name, info.weight_shape, dt, max_rank=hi,
+                                                        offset_digits=digits) for dt in dtypes),
+                                       key=lambda c: (c.unit, c.fixed))
     budget_layers = []
     for info in infos:
         lo, hi = _caps(info, policy)
@@ -669,7 +672,7 @@ def plan_budget(
                 "--min-rank or select fewer layers"
             ) from None
         lays = tuple(LayerLayout(a.name, shapes[a.name], a.rank, a.storage) for a in alloc.layers)
-        pred = alloc.cost if rule.kind is RuleKind.PARAMS else predict_file_bytes(lays, options.dtype, md)
+        pred = alloc.cost if rule.kind is RuleKind.PARAMS else max(predict_file_bytes(lays, dt, md) for dt in dtypes)
         return alloc, lays, pred
 
     budget = target - overhead

@@ -207,3 +207,13 @@ def test_params_budget_and_fraction_through_resize(sdxl_pair):
     assert any("params:200K: target 200,000 values" in note for note in rep.notes)
     # size:0.5 of the rank-128 size; the input is rank 32, so every layer sits at its limit at most
     assert all(half.layers[k].rank <= src.layers[k].rank for k in src.layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unknown_save_dtype_fits_fp16_and_bf16(sdxl_pair, tmp_path, dtype):
+    """A node graph chooses the save dtype later: the default selector sizes for both 16-bit dtypes."""
+    base, tuned, _ = sdxl_pair
+    p = RankPolicy(RankRule.parse("size:700KB"))  # through selectors_of, as the nodes pass it
+    res = extract_sweep_detailed(base, tuned, [p], _opts(p))[0]
+    got = save_lora(res.lora, tmp_path / "n.safetensors", dtype=dtype)
+    assert 0.99 * 700_000 <= got.bytes <= 700_000
