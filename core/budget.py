@@ -545,13 +545,15 @@ class BudgetOptions:
     """``weighting``: the objective's layer weights. ``full_diff``: offer a full ``.diff`` for layers
     whose cap reaches half of min(out, in·kh·kw) (break-even of a factorisation). ``dtype``: the save
     dtype (None: not known yet, as in a node graph — sized for fp16 and bf16 alike). ``metadata``: the metadata the file will carry (its bytes are reserved), plus
-    ``metadata_slack`` bytes for values that change with the ranks (``ss_network_dim``…)."""
+    ``metadata_slack`` bytes for values that change with the ranks (``ss_network_dim``…).
+    ``reserved_bytes``: file bytes of layers written besides the allocated ones (exact parts)."""
 
     weighting: Weighting = Weighting.RELATIVE
     full_diff: bool = False
     dtype: torch.dtype | None = None  # None: not known yet (a node graph) — any 16-bit dtype fits
     metadata: Mapping[str, str] = field(default_factory=dict)
     metadata_slack: int = 256
+    reserved_bytes: int = 0  # written outside the allocation (a resize's or merge's exact parts)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weighting", Weighting(self.weighting))
@@ -640,7 +642,7 @@ def plan_budget(
             target = int(rule.value)
         else:
             target = int(math.floor(float(rule.value) * reference_bytes(infos, dtypes[0], md)))
-        overhead = file_overhead(md) + int(options.metadata_slack)
+        overhead = file_overhead(md) + int(options.metadata_slack) + int(options.reserved_bytes)
         digits = _digits(target)
         cost_of = lambda info, hi: max((lora_layer_cost(info.name, info.weight_shape, dt, max_rank=hi,
                                                         offset_digits=digits) for dt in dtypes),
@@ -672,7 +674,8 @@ def plan_budget(
                 "--min-rank or select fewer layers"
             ) from None
         lays = tuple(LayerLayout(a.name, shapes[a.name], a.rank, a.storage) for a in alloc.layers)
-        pred = alloc.cost if rule.kind is RuleKind.PARAMS else max(predict_file_bytes(lays, dt, md) for dt in dtypes)
+        pred = alloc.cost if rule.kind is RuleKind.PARAMS else (
+            max(predict_file_bytes(lays, dt, md) for dt in dtypes) + int(options.reserved_bytes))
         return alloc, lays, pred
 
     budget = target - overhead
@@ -766,6 +769,7 @@ class BudgetSelector:
         options = BudgetOptions(
             weighting=self.options.weighting, full_diff=self.options.full_diff, dtype=self.options.dtype,
             metadata=md_reserve, metadata_slack=int(self.options.metadata_slack) + int(self.metadata_reserve),
+            reserved_bytes=self.options.reserved_bytes,
         )
         return plan_budget(self.policy.rule, self.policy, infos, options)
 
@@ -805,15 +809,31 @@ def budget_notes(selector) -> list[str]:
     return selector.describe().splitlines()
 
 
-def carrying(selectors: Sequence, metadata: Mapping[str, str]) -> tuple:
+def exact_part_bytes(layers: Mapping, dtype: torch.dtype | None) -> int:
+    """Upper bound of the file bytes of layers stored exactly (``.diff`` / ``.diff_b`` vectors)."""
+    es = 2 if dtype is None else _element_size(dtype)
+    name_dtype = torch.bfloat16 if dtype is None else dtype
+    total = 0
+    for name, layer in layers.items():
+        t = getattr(layer, "diff", None)
+        if t is None:
+            continue
+        total += t.numel() * es + _entry_bytes(f"{name}.diff_b", tuple(t.shape), name_dtype, 12)
+    return total
+
+
+def carrying(selectors: Sequence, metadata: Mapping[str, str], exact_layers: Mapping | None = None) -> tuple:
     """The selectors, with every :class:`BudgetSelector` also reserving ``metadata`` (what a resize or
-    merge carries from its input into the file)."""
+    merge carries from its input into the file) and the bytes of ``exact_layers`` (parts written
+    exactly, outside the allocation)."""
     out = []
     for sel in selectors:
-        if isinstance(sel, BudgetSelector) and metadata:
-            md = {**dict(metadata), **dict(sel.options.metadata)}
+        if isinstance(sel, BudgetSelector) and (metadata or exact_layers):
+            md = {**dict(metadata or {}), **dict(sel.options.metadata)}
+            reserved = int(sel.options.reserved_bytes) + exact_part_bytes(exact_layers or {}, sel.options.dtype)
             opts = BudgetOptions(weighting=sel.options.weighting, full_diff=sel.options.full_diff,
-                                 dtype=sel.options.dtype, metadata=md, metadata_slack=sel.options.metadata_slack)
+                                 dtype=sel.options.dtype, metadata=md, metadata_slack=sel.options.metadata_slack,
+                                 reserved_bytes=reserved)
             sel = BudgetSelector(sel.policy, opts, sel.metadata_reserve, sel.block_of, _record=sel._record)
         out.append(sel)
     return tuple(out)

@@ -450,7 +450,9 @@ def merge_sweep(
 
     names = _layer_names(inputs, active)
     jobs, unlabelled = _plan(inputs, active, names, blocks, flt)
-    selectors = carrying(selectors_of(policies), inputs[active[0]].lora.metadata) if mode is MergeMode.SVD else ()
+    exact = {n: l for i in active for n, l in inputs[i].lora.layers.items() if l.kind is LayerKind.VECTOR}
+    selectors = (carrying(selectors_of(policies), inputs[active[0]].lora.metadata, exact)  # a size budget
+                 if mode is MergeMode.SVD else ())  # reserves the carried metadata and the exact parts
     n_out = max(1, len(selectors))
     outs: list[dict[str, LayerDelta]] = [{} for _ in range(n_out)]
     stats: list[list[LayerStat]] = [[] for _ in range(n_out)]

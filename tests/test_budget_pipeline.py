@@ -217,3 +217,17 @@ def test_unknown_save_dtype_fits_fp16_and_bf16(sdxl_pair, tmp_path, dtype):
     res = extract_sweep_detailed(base, tuned, [p], _opts(p))[0]
     got = save_lora(res.lora, tmp_path / "n.safetensors", dtype=dtype)
     assert 0.99 * 700_000 <= got.bytes <= 700_000
+
+
+def test_resize_budget_counts_exact_parts(sdxl_pair, tmp_path):
+    """Exact parts (1-D .diff vectors) are written besides the allocation; the budget reserves them."""
+    base, tuned, _ = sdxl_pair
+    p = RankPolicy(RankRule.parse("16"))
+    src = extract_sweep_detailed(base, tuned, [p], _opts(p))[0].lora
+    extra = {f"lora_unet_extra_norm_{i}": DiffLayer(torch.randn(4096)) for i in range(8)}  # 64 KiB at fp16
+    lora = src.replace(layers={**src.layers, **extra})
+    target = 500_000
+    (out, _), = resize_sweep(lora, [RankPolicy(RankRule(RankRule.parse("size:1MB").kind, target))])
+    assert set(extra) <= set(out.layers)
+    got = save_lora(out, tmp_path / "e.safetensors", dtype=torch.float16)
+    assert 0.99 * target <= got.bytes <= target
