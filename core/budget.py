@@ -697,7 +697,10 @@ def plan_budget(
                 spare = limit - predicted
             else:
                 spare //= 2
-    return BudgetPlan(rule, allocation, target, overhead, predicted, layouts, options.weighting)
+    weighting = options.weighting
+    if weighting is Weighting.RELATIVE and all(i.base_fro2 is None for i in infos):
+        weighting = Weighting.ABSOLUTE  # no base model (resize, merge): w = 1 (layer_weight)
+    return BudgetPlan(rule, allocation, target, overhead, predicted, layouts, weighting)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -871,6 +874,14 @@ def _group_line(label: str, allocs: Sequence[LayerAllocation], fro2: Mapping[str
             f"{f'  {diffs} diff' if diffs else ''}  retained {100 * ret:6.2f}%")
 
 
+def _block_order(label: str) -> tuple:
+    """BASE, IN00…, M00, OUT00…, then anything else by name."""
+    head = {"BASE": 0, "IN": 1, "M": 2, "OUT": 3}
+    letters = label.rstrip("0123456789")
+    digits = label[len(letters):]
+    return (head.get(letters, 4), int(digits) if digits else -1, label)
+
+
 def describe_plan(plan: BudgetPlan, infos: Sequence[LayerInfo]) -> str:
     """The allocation as text: totals, then per kind and per block (size, mean/min/max rank, energy)."""
     alloc = plan.allocation
@@ -896,5 +907,5 @@ def describe_plan(plan: BudgetPlan, infos: Sequence[LayerInfo]) -> str:
     lines.extend(_group_line(k, v, fro2) for k, v in groups.items())
     if set(blocks) != {"–"}:
         lines.append("  per block:")
-        lines.extend(_group_line(k, v, fro2) for k, v in blocks.items())
+        lines.extend(_group_line(k, blocks[k], fro2) for k in sorted(blocks, key=_block_order))
     return "\n".join(lines)
