@@ -282,7 +282,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
         help="torch CPU threads per worker (default 1: multi-threaded BLAS on small layers collapses "
         "when anything else is busy; extraction reads the next layer on a second thread)",
     )
-    p.add_argument("--workers", type=int, default=2, help="layers processed in parallel (resize/merge)")
+    p.add_argument("--workers", type=int, default=2, help="layers processed in parallel (extract/resize/merge)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="print every layer")
 
@@ -332,6 +332,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         clamp_quantile=args.clamp_quantile,
         device=device,
         seed=args.seed,
+        workers=args.workers,
     )
     base, tuned = open_source(args.base), open_source(args.tuned)
     base, tuned, options = _generic_mode(args, base, tuned, options)

@@ -50,9 +50,11 @@ Decisions (documented here once)
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Sequence
@@ -115,6 +117,7 @@ class ExtractOptions:
     key_style: KeyStyle = KeyStyle.CHECKPOINT
     threads: int | None = None  # torch + OpenBLAS threads during the run (None: leave as is)
     prefetch: int = 1  # layers read ahead by the background thread (0: read in the main thread)
+    workers: int = 1  # layers decomposed at once, each on its own thread (with ``threads`` torch threads)
     seed: int = 0
     exact_parts: bool = False  # also store changed 1-D weights / biases exactly (.diff / .diff_b; generic keys)
 
@@ -144,6 +147,8 @@ class ExtractOptions:
             raise ValueError(f"prefetch must be ≥ 0, got {self.prefetch}")
         if self.exact_parts and self.key_style is not KeyStyle.GENERIC:
             raise ValueError("exact_parts (.diff / .diff_b) needs the generic key style (ComfyUI-native names)")
+        if self.workers < 1:
+            raise ValueError(f"workers must be ≥ 1, got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -301,20 +306,31 @@ def _run(
     old_threads = torch.get_num_threads()
     if options.threads is not None:
         set_threads(options.threads)
+
+    def phase1(item: _Item, index: int) -> tuple[bool, object]:
+        """(decomposed?, Decomposed or near-zero stat) of one read layer."""
+        with torch.no_grad():  # grad mode is per thread
+            rel = _relative(item)
+            if rel < options.min_relative_delta:
+                out: tuple[bool, object] = (False, _near_zero_stat(item, rel))
+            else:
+                info = _layer_info(item.spec, options.factor_dtype)
+                layer = decompose_delta(item.delta, info, selectors, options, device, index)
+                layer.extra["base_fro2"] = item.base_norm ** 2  # for a size budget's relative weights
+                layer.extra["block"] = item.spec.block
+                out = (True, layer)
+            item.delta = None
+            return out
+
     try:
         with LayerLoop(len(present), progress) as loop, \
-                ReadAhead(present, reader, options.prefetch, name="rankwise-extract-read") as items:
-            for index, item in enumerate(items, start=1):
-                rel = _relative(item)
-                if rel < options.min_relative_delta:
-                    phase.skip(_near_zero_stat(item, rel))
+                ReadAhead(present, reader, options.prefetch, name="rankwise-extract-read") as items, \
+                _Workers(options.workers, options.threads) as pool:
+            for item, (decomposed, payload) in pool.map_ordered(phase1, items):
+                if decomposed:
+                    phase.add(payload)
                 else:
-                    info = _layer_info(item.spec, options.factor_dtype)
-                    layer = decompose_delta(item.delta, info, selectors, options, device, index)
-                    layer.extra["base_fro2"] = item.base_norm ** 2  # for a size budget's relative weights
-                    layer.extra["block"] = item.spec.block
-                    phase.add(layer)
-                item.delta = None
+                    phase.skip(payload)
                 loop.tick(item.spec.kohya)
             phase.finish()
     finally:
@@ -341,6 +357,43 @@ def _run(
     frozen_spectra = MappingProxyType(spectra)
     return [_result(out, notes + rounding_notes(base, tuned, out.stats, keys), base, tuned, options, pair,
                     encoders, frozen_spectra, title) for out in outs]
+
+
+class _Workers:
+    """Phase 1 on ``workers`` threads (layer-level parallelism; one thread: the caller's), results
+    in input order, at most ``2·workers`` layers in flight besides the read-ahead."""
+
+    def __init__(self, workers: int, threads: int | None) -> None:
+        self.workers = int(workers)
+        self.threads = 1 if threads is None else int(threads)
+        self.pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> "_Workers":
+        if self.workers > 1:
+            self.pool = ThreadPoolExecutor(max_workers=self.workers, initializer=torch.set_num_threads,
+                                           initargs=(self.threads,), thread_name_prefix="rankwise-extract")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def map_ordered(self, fn, items):
+        """(item, fn(item, index)) for each item, index from 1, in order."""
+        if self.pool is None:
+            for index, item in enumerate(items, start=1):
+                yield item, fn(item, index)
+            return
+        pending: collections.deque = collections.deque()
+        window = 2 * self.workers
+        for index, item in enumerate(items, start=1):
+            pending.append((item, self.pool.submit(fn, item, index)))
+            if len(pending) >= window:
+                head, future = pending.popleft()
+                yield head, future.result()
+        while pending:
+            head, future = pending.popleft()
+            yield head, future.result()
 
 
 def _layer_info(spec: LayerSpec, dtype: torch.dtype) -> LayerInfo:
