@@ -131,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--skip-merge", action="store_true")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--merge-serial", action="store_true",
+                   help="also time the SVD merge at 1 worker × 1 thread (CPU-s comparable to the 1-thread baseline)")
+    p.add_argument("--baseline-merge", type=float, default=None,
+                   help="merge baseline CPU-s from an earlier run (ratios printed with --skip-baseline)")
+    p.add_argument("--baseline-resize", type=float, default=None,
+                   help="resize baseline CPU-s from an earlier run (ratios printed with --skip-baseline)")
+    p.add_argument("--skip-resize", action="store_true", help="leave out 1-3 (resize, exactness, baseline)")
     p.add_argument("--dir", default=None, help="where to write the temporary files (default: a temp dir)")
     args = p.parse_args(argv)
 
@@ -152,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, float] = {}
     cfg = f"{args.workers} worker(s) × {args.threads} thread(s)"
-    for label, rule in (("rank 32", "32"), ("sv_fro 0.9", "sv_fro:0.9")):
+    loaded = lora
+    base_merge = args.baseline_merge
+    for label, rule in (() if args.skip_resize else (("rank 32", "32"), ("sv_fro 0.9", "sv_fro:0.9"))):
         policy = RankPolicy(RankRule.parse(rule), max_rank=args.rank)
         set_threads(args.threads)
         out_path = os.path.join(work.name, f"out_{rule.replace(':', '_')}.safetensors")
@@ -172,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
               f"(read {t_read.wall:.2f}s, resize {t_comp.wall:.2f}s, write {t_write.wall:.2f}s); "
               f"resize alone at 1T: {t_one.cpu:.2f} CPU-s", flush=True)
         print("    " + report_line(label, rep), flush=True)
+        if args.baseline_resize:
+            print(f"    speed-up vs the given baseline {args.baseline_resize:.0f} CPU-s: "
+                  f"{args.baseline_resize / t_one.cpu:.0f}× (1T compute); load average {os.getloadavg()[0]:.1f}",
+                  flush=True)
         results[f"resize {label} worst"] = max(
             (1 + s.excess for s in rep.written if math.isfinite(s.excess)), default=1.0)
         os.remove(out_path)
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  singular values, QR trick vs dense fp64 SVD on {len(names)} layers (one per shape, largest): "
           f"max |Δσ|/σ₁ = {sv_err:.2e}", flush=True)
 
-    if not args.skip_baseline:
+    if not args.skip_baseline and not args.skip_resize:
         print("  kohya baseline (1 thread, CPU s, one layer per shape × count):", flush=True)
         base_resize, base_merge = kohya_baseline(counts, args.rank, 4)
         print(f"  kohya-style resize total ≈ {base_resize:.0f} CPU-s; merge-4 total ≈ {base_merge:.0f} CPU-s", flush=True)
@@ -201,10 +214,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  SVD merge 4 × rank {args.rank} → {args.rank}: {t_m.wall:.1f}s wall / {t_m.cpu:.1f}s CPU ({cfg}), "
               f"inputs in memory", flush=True)
         print("    " + report_line("merge", mrep), flush=True)
-        if not args.skip_baseline:
+        if base_merge:
             print(f"    speed-up vs dense ΔW + full SVD (1T kohya estimate): {base_merge / t_m.wall:.1f}× "
                   f"(vs our wall, {cfg}), {base_merge / t_m.cpu:.1f}× (CPU-s vs CPU-s)", flush=True)
         del merged, mrep
+        if args.merge_serial:
+            set_threads(1)
+            with Timer() as t_s:
+                merged, mrep = merge(inputs, mode=MergeMode.SVD, policy=policy, workers=1)
+            print(f"  SVD merge at 1 worker × 1 thread: {t_s.wall:.1f}s wall / {t_s.cpu:.1f}s CPU; load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
+            if base_merge:
+                print(f"    speed-up (1T CPU-s vs 1T CPU-s): {base_merge / t_s.cpu:.1f}×", flush=True)
+            del merged, mrep
+            set_threads(args.threads)
         sample = sample_names(loaded, 12)
         with Timer() as t_c:
             cat, _ = merge(inputs, mode=MergeMode.CONCAT, dtype=torch.float32, include=sample)

@@ -484,3 +484,46 @@ def test_factored_with_k_matches_full(gen, m, n, r, k):
                                rtol=1e-4, atol=1e-4 * float(full.S[0]))
     torch.testing.assert_close(part.U.mT @ part.U, torch.eye(k), atol=1e-5, rtol=0)
     assert part.spectrum.complete and torch.equal(part.spectrum.values, full.spectrum.values)
+
+
+def _householder(up, down, k):
+    """The Householder path of the QR trick alone (the Cholesky-QR fast path switched off)."""
+    r = up.shape[1]
+    Qu, Ru = torch.linalg.qr(up.double())
+    Qd, Rd = torch.linalg.qr(down.double().mT)
+    Uc, S, Vch = torch.linalg.svd(Ru @ Rd.mT)
+    return (Qu @ Uc)[:, :k], S[:min(k, r)], (Vch @ Qd.mT)[:k]
+
+
+@pytest.mark.parametrize("m, n, scales", [(300, 200, (1.0, 1.0, 1.0, 1.0)), (200, 500, (1e-2, 1.0, 30.0, 3.0)),
+                                           (150, 150, (1.0, 0.5, 0.25, 0.125))])
+def test_cholesky_qr_matches_householder(gen, m, n, scales):
+    """Stacked factors of four LoRAs (very different scales): the Cholesky-QR path runs, its factors
+    are orthonormal, its values and rank-k truncation match an fp64 Householder QR trick."""
+    k = 16
+    ups = [torch.randn(m, 24, generator=gen) * s for s in scales]
+    downs = [torch.randn(24, n, generator=gen) for _ in scales]
+    up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+    fast = dx.cholesky_qr_kept(up, down, k)
+    assert fast is not None
+    U, S, Vh = _householder(up, down, k)
+    torch.testing.assert_close(fast.S.double()[:k], S, rtol=1e-5, atol=1e-6 * float(S[0]))
+    torch.testing.assert_close(fast.U.mT @ fast.U, torch.eye(k), atol=dx.CHOLQR_ORTH_TOL, rtol=0)
+    torch.testing.assert_close(fast.Vh @ fast.Vh.mT, torch.eye(k), atol=dx.CHOLQR_ORTH_TOL, rtol=0)
+    A = up.double() @ down.double()
+    opt = float((A - (U * S) @ Vh).norm())
+    got = float((A - (fast.U.double() * fast.S[:k].double()) @ fast.Vh.double()).norm())
+    assert got <= opt * (1 + 1e-6)
+    assert math.isclose(fast.fro2, float((A ** 2).sum()), rel_tol=1e-5)
+
+
+def test_cholesky_qr_declines_dependent_factors(gen):
+    """The same LoRA stacked twice (a rank-deficient Gram): the fast path declines, the Householder
+    path gives the exact result, and the product's spectrum is right."""
+    up1, down1 = torch.randn(120, 10, generator=gen), torch.randn(10, 90, generator=gen)
+    up, down = torch.cat([up1, up1], 1), torch.cat([down1, down1], 0)
+    assert dx.cholesky_qr_kept(up, down, 5) is None
+    dec = decompose_factored(up, down, k=5)
+    ref = torch.linalg.svdvals(up.double() @ down.double())
+    torch.testing.assert_close(dec.S.double(), ref[:5], rtol=1e-5, atol=1e-5 * float(ref[0]))
+    assert dec.notes == ()
