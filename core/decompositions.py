@@ -294,11 +294,11 @@ def fast_excess(res: Triplets, fro2: float, k: int) -> float:
 def qr_factored(up: Tensor, down: Tensor, k: int | None = None) -> Triplets:
     """QR trick on A = up·down (U, Vh of A itself, not of a wide orientation).
 
-    Q is never formed on the first path, :func:`cholesky_qr_kept` (R factors from Gram matrices,
-    verified a posteriori). Where it declines, Householder QR runs; with ``k`` (fewer triplets
-    than the rank R) the reflectors of
-    ``geqrf`` are applied to the k kept core vectors only (``ormqr``), which saves the m×R Q and its
-    m×R×R product — about a third of the time for stacked merges (R = 512, k = 128).
+    First :func:`cholesky_qr_kept` (R factors from Gram matrices, only the kept columns formed,
+    verified a posteriori; SDXL 4-LoRA merge 150 → 73 CPU-s, resize 128 → 32 11.2 → 4.5 CPU-s).
+    Where it declines, Householder QR runs; with ``k`` (fewer triplets than the rank R) Q is not
+    formed there either: the reflectors of ``geqrf`` are applied to the k kept core vectors only
+    (``ormqr``), which saves the m×R Q and its m×R×R product.
     """
     r = int(up.shape[1])
     fast = cholesky_qr_kept(up, down, r if k is None else min(int(k), r))
