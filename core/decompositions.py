@@ -295,7 +295,7 @@ def qr_factored(up: Tensor, down: Tensor, k: int | None = None) -> Triplets:
     """QR trick on A = up·down (U, Vh of A itself, not of a wide orientation).
 
     First :func:`cholesky_qr_kept` (R factors from Gram matrices, only the kept columns formed,
-    verified a posteriori; SDXL 4-LoRA merge 150 → 73 CPU-s, resize 128 → 32 11.2 → 4.5 CPU-s).
+    verified a posteriori; SDXL 4-LoRA merge 93 → 73 CPU-s, resize 128 → 32 7.5 → 4.5 CPU-s).
     Where it declines, Householder QR runs; with ``k`` (fewer triplets than the rank R) Q is not
     formed there either: the reflectors of ``geqrf`` are applied to the k kept core vectors only
     (``ormqr``), which saves the m×R Q and its m×R×R product.
