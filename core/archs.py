@@ -1262,7 +1262,7 @@ class Detection:
     misses: int  # known keys with another shape
 
     def describe(self) -> str:
-        return f"{arch_label(self.arch)}, {self.layout.describe()}"
+        return f"{record(self.arch).label}, {self.layout.describe()}"
 
 
 def _scores(shapes: Mapping[str, Sequence[int]]) -> list[tuple[tuple[int, float], Arch, str, FileLayout, int, int]]:
@@ -1287,7 +1287,9 @@ def _scores(shapes: Mapping[str, Sequence[int]]) -> list[tuple[tuple[int, float]
             layout = max(per_layout, key=lambda lay: (per_layout[lay], lay is FileLayout.CHECKPOINT))
             if layout is not FileLayout.CHECKPOINT and per_layout.get(FileLayout.CHECKPOINT, 0) == per_layout[layout]:
                 layout = FileLayout.CHECKPOINT
-            score = (hit - miss, hit / len(key_table(rec.arch, size)))
+            # ties: UNet records first (a CLIP-only SDXL state dict is also SD3's CLIP-L + CLIP-G
+            # without T5), then the table covered best (a lone clip_l is SD1, not SDXL)
+            score = (hit - miss, rec.family is Family.UNET, hit / len(key_table(rec.arch, size)))
             out.append((score, rec.arch, size, layout, hit, miss))
     out.sort(key=lambda t: t[0], reverse=True)
     return out

@@ -54,8 +54,14 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")
+def _record_prefixes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from .archs import COMFY_LORA_PREFIXES, kohya_prefixes
+
+    return kohya_prefixes(), COMFY_LORA_PREFIXES
+
+
+# From the architecture records (core/data/archs): lora_unet_, lora_te_, lora_te1_ … lora_te3_.
+KOHYA_PREFIXES, COMFY_PREFIXES = _record_prefixes()
 
 
 class LoraFormat(str, enum.Enum):
@@ -389,7 +395,7 @@ def _kohya_named(name: str) -> bool:
 
 
 def _component_prefix(name: str) -> tuple[str, str]:
-    for prefix in ("unet.", "text_encoder_2.", "text_encoder.", "transformer."):
+    for prefix in ("unet.", "text_encoder_3.", "text_encoder_2.", "text_encoder.", "transformer."):
         if name.startswith(prefix):
             return prefix[:-1], name[len(prefix) :]
     return "", name
@@ -400,20 +406,24 @@ def _candidates(name: str) -> list[str]:
     out = [name]
     stems = [name]
     for wrapper, prefixes in (
-        ("base_model.model.", ("", "unet.", "text_encoder.", "text_encoder_2.")),
+        ("base_model.model.", ("", "unet.", "transformer.", "text_encoder.", "text_encoder_2.")),
         ("unet.base_model.model.", ("unet.",)),
         ("text_encoder.base_model.model.", ("text_encoder.",)),
         ("text_encoder_2.base_model.model.", ("text_encoder_2.",)),
+        ("text_encoder_3.base_model.model.", ("text_encoder_3.",)),
+        ("transformer.base_model.model.", ("transformer.",)),
     ):
         if name.startswith(wrapper):
             rest = name[len(wrapper) :]
             stems.extend(p + rest for p in prefixes)
     if name.startswith("lycoris_"):
         stems.append("lora_unet_" + name[len("lycoris_") :])
-    if not name.startswith(("unet.", "text_encoder", "base_model.")) and "." in name and not name.startswith(
+    if name.startswith("lora_transformer_"):  # OneTrainer / ComfyUI spelling of kohya DiT names
+        stems.append("lora_unet_" + name[len("lora_transformer_") :])
+    if not name.startswith(("unet.", "transformer.", "text_encoder", "base_model.")) and "." in name and not name.startswith(
         COMFY_PREFIXES
     ):  # diffusers / PEFT paths saved without a component prefix
-        stems.extend(p + name for p in ("unet.", "text_encoder.", "text_encoder_2."))
+        stems.extend(p + name for p in ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3."))
     for stem in list(stems):
         # transformers ≥ 5 dropped CLIPTextModel's "text_model." level from module paths
         m = re.match(r"^(text_encoder(?:_2)?\.)(encoder\.layers\..*)$", stem)
@@ -472,21 +482,25 @@ def _table_for(arch: Arch, size: str = "full"):
     return _archs().key_table(arch, size)
 
 
-_TABLE_SIZES = ("full", "tiny")  # tiny: the test/demo tables (same names, tiny shapes)
+def _table_sizes(arch: Arch) -> tuple[str, ...]:
+    """Every key-table size of ``arch``'s record ("full", "tiny" test tables, SD3 "large")."""
+    return _archs().arch_sizes(arch)
 
 
 def arch_from_metadata(metadata: Mapping[str, str] | None) -> Arch | None:
-    """The architecture a file's ss_*/modelspec metadata declares, if any."""
+    """The architecture a file's ss_*/modelspec metadata declares, if any.
+
+    Each record lists value prefixes per metadata key (``metadata_match``); records are tried in
+    ``metadata_priority`` order (SDXL before SD1, since ``ss_v2`` is written by both).
+    """
     if not metadata:
         return None
-    base = str(metadata.get("ss_base_model_version", "")).lower()
-    spec = str(metadata.get("modelspec.architecture", "")).lower()
-    if base.startswith("sdxl") or spec.startswith("stable-diffusion-xl"):
-        return Arch.SDXL
-    if base.startswith("sd_v2") or spec.startswith("stable-diffusion-v2") or metadata.get("ss_v2") == "True":
-        return Arch.SD2
-    if base.startswith("sd_v1") or spec.startswith("stable-diffusion-v1"):
-        return Arch.SD1
+    recs = sorted(_archs().records(), key=lambda r: r.metadata_priority)
+    for rec in recs:
+        for key, prefixes in rec.metadata_match.items():
+            value = str(metadata.get(key, "")).lower()
+            if value and any(value.startswith(p) if key != "ss_v2" else value == p for p in prefixes):
+                return rec.arch
     return None
 
 
@@ -679,7 +693,7 @@ def _choose_table(built: list[_Built], metadata: Mapping[str, str] | None):
         named = None
     best, best_key = None, None
     for arch in Arch:
-        for size in _TABLE_SIZES:
+        for size in _table_sizes(arch):
             try:
                 table = _table_for(arch, size)
             except Exception:
@@ -692,15 +706,15 @@ def _choose_table(built: list[_Built], metadata: Mapping[str, str] | None):
 
 
 def _table_of_arch(arch: Arch, built: list[_Built]):
-    """The full-size table of ``arch``, or its tiny test table when only that one fits the shapes."""
-    full = _table_for(arch)
-    try:
-        tiny = _table_for(arch, "tiny")
-    except Exception:
-        return full
-    f_ok, f_bad = _score(_Names(full), built)
-    t_ok, t_bad = _score(_Names(tiny), built)
-    return tiny if t_ok - t_bad > f_ok - f_bad else full
+    """The full-size table of ``arch``, or another size of its record (the tiny test table, SD3
+    large) when that one fits the shapes better."""
+    best, best_score = _table_for(arch), None
+    for size in _table_sizes(arch):
+        table = _table_for(arch, size)
+        ok, bad = _score(_Names(table), built)
+        if best_score is None or ok - bad > best_score:
+            best, best_score = table, ok - bad
+    return best
 
 
 @dataclass
@@ -716,6 +730,10 @@ class _Mapped:
     densified: list[str]
     notes: list[str]
     mismatched_names: list[str] = field(default_factory=list)
+
+
+def _known_archs() -> str:
+    return " / ".join(r.label for r in _archs().records())
 
 
 def _arch_label(table) -> str:
@@ -775,7 +793,7 @@ def _check_fit(mapped: _Mapped, built: list[_Built], table, explicit: bool, skip
     if mapped.mismatched and len(mapped.mismatched) * 2 > len(built):
         raise MismatchError(
             f"{len(mapped.mismatched)} LoRA layers do not fit {label}: {_sample(mapped.mismatched, 4)}. "
-            "Is this LoRA for another model (SD1 / SD2 / SDXL)?"
+            f"Is this LoRA for another model ({_known_archs()})?"
         )
     if mapped.mismatched and not skip_bad:
         raise _bad_module_error(mapped.mismatched, label)
@@ -898,7 +916,7 @@ def lora_from_state_dict(
         if foreign:
             raise FormatError(
                 f"cannot map module names such as {_sample(foreign, 3)} to a known architecture "
-                "(SD1/SD2/SDXL); pass arch= to say which model the LoRA is for."
+                f"({_known_archs()}); pass arch= to say which model the LoRA is for."
             )
         if not generic:
             notes.append("architecture not recognised: kohya names kept as they are, shapes not checked")
@@ -1118,7 +1136,7 @@ def lora_to_comfy_state_dict(
     :class:`MismatchError`."""
     if table is None:
         if lora.arch is None:
-            raise MismatchError("the LoRA has no architecture; ComfyUI key names need one (SD1/SD2/SDXL)")
+            raise MismatchError(f"the LoRA has no architecture; ComfyUI key names need one ({_known_archs()})")
         table = _table_for(lora.arch)
     missing = [n for n in lora.layers if table.by_kohya(n) is None]
     if missing:

@@ -267,7 +267,7 @@ def test_detect_arch_ignores_extra_keys_and_tolerates_lists():
 
 def test_detect_arch_unknown_raises():
     with pytest.raises(FormatError, match="model.diffusion_model"):
-        detect_arch({"transformer_blocks.0.attn.to_q.weight": (3072, 3072)})
+        detect_arch({"blocks.0.attn.qkv.weight": (3072, 1024)})
     with pytest.raises(FormatError, match="could not detect"):
         detect_arch({})
     resnets_only = {
@@ -296,7 +296,7 @@ def test_arch_config_errors():
     with pytest.raises(ValueError, match="size"):
         key_table(Arch.SD1, "huge")
     with pytest.raises(ValueError, match="no config"):
-        arch_config("sd3")
+        arch_config("sd9")
 
 
 # --- independent check: diffusers / transformers modules on the meta device ----------------------
