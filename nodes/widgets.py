@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..core.archs import is_text_encoder
 from ..core.errors import RankwiseError, UnsafePathError
 from ..core.rank import RankPolicy, RankRule, parse_rules
 
@@ -314,7 +315,7 @@ def apply_coverage(
     patched: set,
     *,
     clip_connected: bool,
-    is_text_encoder=lambda name: name.startswith("lora_te"),
+    is_text_encoder=is_text_encoder,
 ) -> Coverage:
     """Coverage of an application: ``key_map`` maps module names to model keys (ComfyUI's
     ``model_lora_keys_*``), ``patched`` holds the keys ``add_patches`` reported."""
