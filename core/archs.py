@@ -948,7 +948,9 @@ def _flux_layers(cfg: FluxConfig) -> Iterator[_DiTLayer]:
         yield _DiTLayer(f"{s}.modulation.lin", (3 * h, h), MOD, block, _whole(f"{d}.norm.linear", 3 * h))
     yield _DiTLayer("final_layer.linear", (cfg.out_channels, h), LayerGroup.IO, "OUT00",
                     _whole("proj_out", cfg.out_channels))
-    yield _DiTLayer("final_layer.adaLN_modulation.1", (2 * h, h), MOD, "OUT00", _swapped("norm_out.linear", h))
+    # IO, not MODULATION: the attn_mlp preset is exactly kohya's block targets (double/single or
+    # joint blocks), which every loader takes (diffusers' kohya Flux converter drops the final layer)
+    yield _DiTLayer("final_layer.adaLN_modulation.1", (2 * h, h), LayerGroup.IO, "OUT00", _swapped("norm_out.linear", h))
 
 
 def _flux_extras(cfg: FluxConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -1002,7 +1004,9 @@ def _mmdit_layers(cfg: MMDiTConfig) -> Iterator[_DiTLayer]:
         yield _DiTLayer(f"{x}.adaLN_modulation.1", (n_mods * h, h), MOD, block, _whole(f"{d}.norm1.linear", n_mods * h))
     yield _DiTLayer("final_layer.linear", (p * p * cfg.out_channels, h), LayerGroup.IO, "OUT00",
                     _whole("proj_out", p * p * cfg.out_channels))
-    yield _DiTLayer("final_layer.adaLN_modulation.1", (2 * h, h), MOD, "OUT00", _swapped("norm_out.linear", h))
+    # IO, not MODULATION: the attn_mlp preset is exactly kohya's block targets (double/single or
+    # joint blocks), which every loader takes (diffusers' kohya Flux converter drops the final layer)
+    yield _DiTLayer("final_layer.adaLN_modulation.1", (2 * h, h), LayerGroup.IO, "OUT00", _swapped("norm_out.linear", h))
 
 
 def _mmdit_extras(cfg: MMDiTConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
