@@ -1264,7 +1264,7 @@ def _diffusers_parts(spec, up: Tensor) -> list[tuple[str, Tensor]]:
 
 def _diffusers_items(lora: Lora, *, dtype: torch.dtype, alpha: float | None = None, table=None) -> list[StreamItem]:
     """diffusers / PEFT names: ``<module>.lora_A.weight`` (down) and ``.lora_B.weight`` (up × alpha/r),
-    no ``.alpha`` (PEFT's scale is 1). A fused weight diffusers splits gets the same down factor
+    no ``.alpha`` (PEFT's scale is 1); T5 layers keep kohya names (``lora_te3_…``, which ComfyUI loads). A fused weight diffusers splits gets the same down factor
     on every part and its up factor split by rows, which is exact: ``[B_q; B_k; B_v] A = B A``."""
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"save dtype must be float16, bfloat16, float32 or float64, got {dtype}")
@@ -1279,10 +1279,16 @@ def _diffusers_items(lora: Lora, *, dtype: torch.dtype, alpha: float | None = No
     nonfinite = [n for n, layer in lora.layers.items() if not _finite(layer)]
     if nonfinite:
         raise NonFiniteError(f"{len(nonfinite)} layers hold NaN/Inf values: {_sample(nonfinite, 6)}", tuple(nonfinite))
-    items: list[StreamItem] = []
+    # T5 has no diffusers LoRA name any loader reads (diffusers' SD3/Flux loaders skip it; ComfyUI
+    # maps only kohya / ComfyUI names onto T5), so its layers keep their kohya names in this style.
+    t5 = {te.component for te in _archs().arch_config(table.arch).text_encoders if te.layout.value == "t5"}
+    kept = Lora({n: layer for n, layer in lora.layers.items() if specs[n].component in t5}, arch=lora.arch)
+    items: list[StreamItem] = lora_state_items(kept, dtype=dtype) if kept.layers else []
     overflow: list[str] = []
     for name, layer in lora.layers.items():
         spec = specs[name]
+        if spec.component in t5:
+            continue
         scale = float(layer.alpha) / layer.rank
         up = layer.up.detach().float() * scale
         for path, part in _diffusers_parts(spec, up):

@@ -123,7 +123,7 @@ def test_diffusers_split_shares_down_and_splits_up():
         b = sd[f"transformer.transformer_blocks.0.attn.{name}.lora_B.weight"]
         assert torch.equal(a, layer.down.float())
         assert torch.allclose(b, layer.up.float()[128 * i:128 * (i + 1)] * scale)
-    assert not any(k.endswith(".alpha") for k in sd)
+    assert not any(k.endswith(".alpha") for k in sd if not k.startswith("lora_te3_"))  # T5 keeps kohya names
 
 
 def test_merging_flux_with_sdxl_names_both():

@@ -118,6 +118,8 @@ def cmd_apply(args) -> dict:
     # tuned weights under ComfyUI's names, with ComfyUI's own prefix rules
     tuned_sd = comfy.utils.load_torch_file(args.tuned, safe_load=True)
     prefix = comfy.model_detection.unet_prefix_from_state_dict(tuned_sd)
+    if args.diffusion_model and not any(k.startswith(prefix) for k in tuned_sd):
+        prefix = ""  # a bare diffusion-model file, as load_diffusion_model reads it
     config = model.model.model_config
     if clip is not None:
         tuned_clip = config.process_clip_state_dict(
