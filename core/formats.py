@@ -1331,9 +1331,12 @@ def lora_items(
     alpha: float | None = None,
     table: KeyTable | None = None,
 ) -> list[StreamItem]:
-    """The state dict of ``lora`` in one naming style (``kohya`` | ``comfy`` | ``diffusers``), as
+    """The state dict of ``lora`` in one naming style (``kohya`` | ``comfy`` | ``diffusers``, or ``auto``:
+    the first style of the architecture's record: diffusers for SD3, kohya for the others), as
     stream items; each style is a codec in ``_writers()`` (see :func:`lora_state_items` for kohya).
     ``alpha`` (a uniform alpha) applies to the styles that write ``.alpha``."""
+    if str(getattr(naming, "value", naming)) == "auto":  # the record's default style (kohya without an arch)
+        naming = naming_styles(lora.arch)[0]
     style = _naming_style(naming)
     if style.value not in ("kohya",) and lora.arch is not None and table is None:
         allowed = naming_styles(lora.arch)

@@ -818,10 +818,11 @@ def save_lora(
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
     uniform_alpha: bool = True,
-    naming: str = "kohya",
+    naming: str = "auto",
 ) -> SaveResult:
-    """Save ``lora`` as a .safetensors file, with kohya names unless ``naming`` says ``comfy``
-    (``diffusion_model.…``) or ``diffusers`` (``transformer.…lora_A/B``; see ``formats.lora_items``).
+    """Save ``lora`` as a .safetensors file, with the names ``naming`` says: ``kohya``, ``comfy``
+    (``diffusion_model.…``), ``diffusers`` (``transformer.…lora_A/B``) or ``auto`` (the architecture
+    record's default: kohya, diffusers for SD3; see ``formats.lora_items``).
 
     The metadata is ``lora.metadata`` updated with ``metadata``, plus ``sshs_model_hash`` /
     ``sshs_legacy_hash`` (kohya's hashes over the tensors and the ``ss_*`` keys). With

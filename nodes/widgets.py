@@ -72,6 +72,20 @@ class CleanMode(str, enum.Enum):
     REPLACE_ALL = "replace all encoders with base"
 
 
+class SaveNaming(str, enum.Enum):
+    """Module names of a saved LoRA file (``formats.lora_items``); which ones an architecture allows
+    is in its record (``naming_styles``)."""
+
+    AUTO = "auto"  # the record's default: kohya (SD1/SD2/SDXL/Flux), diffusers (SD3)
+    KOHYA = "kohya"  # lora_unet_… + .alpha: ComfyUI, Forge, A1111, kohya, diffusers (SD1/SDXL/Flux)
+    COMFY = "comfyui"  # diffusion_model.… (ComfyUI's own extractor)
+    DIFFUSERS = "diffusers"  # transformer.…lora_A/B (SD3/Flux; diffusers and ComfyUI)
+
+    @property
+    def style(self) -> str:
+        return "comfy" if self is SaveNaming.COMFY else self.value
+
+
 class LoraModelKeys(str, enum.Enum):
     """Key names of a LORA_MODEL state dict made from a Rankwise LoRA."""
 
