@@ -131,3 +131,29 @@ def test_state_dict_views_stay_comparable():
     sd = {k: torch.zeros(table.checkpoint_shape(k)) for k in table.checkpoint_keys()}
     src = StateDictSource(sd)
     assert canonical_source(src) is src
+
+
+@pytest.mark.parametrize("arch", [Arch.FLUX, Arch.SD3])
+def test_comfyui_graph_keys_pair_and_extract(arch):
+    """A MODEL + CLIP pair from a ComfyUI graph is keyed diffusion_model.… / clip_l.transformer.… /
+    t5xxl.transformer.…: the records' comfy prefixes, so make_pair and extraction take it as is."""
+    from rankwise.core.sources import KeyStyle
+    from rankwise.nodes.pair import make_pair
+
+    table = key_table(arch, "tiny")
+    gen = torch.Generator().manual_seed(0)
+    base = {s.comfy_key: torch.randn(s.shape, generator=gen) * 0.02 for s in table}
+    planted = {}
+    tuned = {}
+    for s in table:
+        w = base[s.comfy_key]
+        if s.component.value == "unet" and s.kind.value == "linear":
+            u, v = torch.randn(s.shape[0], 2, generator=gen), torch.randn(2, s.shape[1], generator=gen)
+            planted[s.kohya] = 1e-3 * u @ v
+            w = w + planted[s.kohya]
+        tuned[s.comfy_key] = w
+    pair = make_pair(StateDictSource(base, "base"), StateDictSource(tuned, "tuned"), key_style=KeyStyle.COMFY)
+    assert pair.check.arch is arch and pair.check.size == "tiny"
+    lora, _ = extract(pair.base, pair.tuned, _options(4, key_style=KeyStyle.COMFY))
+    for name, dw in planted.items():
+        assert float((lora.layers[name].delta() - dw).norm()) <= 1e-4 * float(dw.norm()), name
