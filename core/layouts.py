@@ -165,6 +165,20 @@ class LayoutSource:
     def inner(self):
         return self._inner
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(getattr(self._inner, "notes", ()) or ())
+
+    def stored_key(self, key: str) -> str:
+        """The file's own name of a shown key (the first part of a fused weight)."""
+        name = self._map[key][0][0] if key in self._map else key
+        fn = getattr(self._inner, "stored_key", None)
+        return fn(name) if callable(fn) else name
+
+    def te_layouts(self) -> dict:
+        fn = getattr(self._inner, "te_layouts", None)
+        return dict(fn()) if callable(fn) else {}
+
     def keys(self) -> Iterable[str]:
         return self._map.keys()
 

@@ -157,3 +157,18 @@ def test_comfyui_graph_keys_pair_and_extract(arch):
     lora, _ = extract(pair.base, pair.tuned, _options(4, key_style=KeyStyle.COMFY))
     for name, dw in planted.items():
         assert float((lora.layers[name].delta() - dw).norm()) <= 1e-4 * float(dw.norm()), name
+
+
+def test_safetensors_header_length_ending_in_0x80_is_not_a_pickle(tmp_path):
+    """A safetensors header whose length has 0x80 as its low byte starts with the pickle protocol
+    opcode; content sniffing must still see safetensors (found writing reduced Flux files)."""
+    import struct
+
+    from rankwise.core.io import FileKind, sniff
+
+    header = b'{"__metadata__":{"a":"' + b"x" * (0x80 - 24) + b'"}}'
+    header += b" " * ((0x180 - len(header)) if len(header) < 0x180 else 0)
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert len(header) & 0xFF == 0x80
+    assert sniff(path) is FileKind.SAFETENSORS
