@@ -339,3 +339,28 @@ def test_diffusers_loader_takes_every_key(tmp_path, arch, naming):
         expected = lora.layers[spec.kohya].delta().reshape(spec.shape[0], -1)
         got = _fused_delta(spec, before, after).reshape(spec.shape[0], -1)
         assert torch.allclose(got, expected, atol=1e-5), spec.kohya
+
+
+def test_partial_diffusers_parts_read_as_zero_rows():
+    """A diffusers/PEFT Flux LoRA that trains only to_q and to_v (as many trainers do) reads as the
+    fused qkv layer with zero k rows, exactly."""
+    table = key_table(Arch.FLUX, "tiny")
+    gen = torch.Generator().manual_seed(7)
+    h = 32
+    sd = {}
+    for name in ("to_q", "to_v"):
+        sd[f"transformer.transformer_blocks.0.attn.{name}.lora_A.weight"] = torch.randn(2, h, generator=gen)
+        sd[f"transformer.transformer_blocks.0.attn.{name}.lora_B.weight"] = torch.randn(h, 2, generator=gen)
+    sd["transformer.single_transformer_blocks.1.proj_mlp.lora_A.weight"] = torch.randn(3, h, generator=gen)
+    sd["transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight"] = torch.randn(4 * h, 3, generator=gen)
+    lora, report = lora_from_state_dict(sd)
+    assert lora.arch is Arch.FLUX and set(lora.layers) == {"lora_unet_double_blocks_0_img_attn_qkv",
+                                                           "lora_unet_single_blocks_1_linear1"}
+    qkv = lora.layers["lora_unet_double_blocks_0_img_attn_qkv"].delta()
+    q = sd["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"] @ sd["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+    v = sd["transformer.transformer_blocks.0.attn.to_v.lora_B.weight"] @ sd["transformer.transformer_blocks.0.attn.to_v.lora_A.weight"]
+    assert torch.allclose(qkv[:h], q, atol=1e-6) and torch.equal(qkv[h:2 * h], torch.zeros(h, h))
+    assert torch.allclose(qkv[2 * h:], v, atol=1e-6)
+    lin1 = lora.layers["lora_unet_single_blocks_1_linear1"].delta()
+    assert lin1.shape == table.by_kohya("lora_unet_single_blocks_1_linear1").shape
+    assert torch.equal(lin1[:3 * h], torch.zeros(3 * h, h))
