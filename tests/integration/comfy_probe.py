@@ -112,8 +112,12 @@ def cmd_apply(args) -> dict:
     unet_keys = new_model.add_patches(patches, args.strength)
     new_clip = clip.clone() if clip is not None else None
     clip_keys = new_clip.add_patches(patches, args.strength) if clip is not None else []
-    patched = set(unet_keys) | set(clip_keys)
-    unpatched_targets = sorted(set(patches) - patched)
+    # a sliced patch (diffusers q/k/v onto a fused weight) is keyed (weight, offset): count weights
+    def _weight_name(k):
+        return k[0] if isinstance(k, tuple) else k
+
+    patched = {_weight_name(k) for k in list(unet_keys) + list(clip_keys)}
+    unpatched_targets = sorted({_weight_name(k) for k in patches} - patched)
 
     # tuned weights under ComfyUI's names, with ComfyUI's own prefix rules
     tuned_sd = comfy.utils.load_torch_file(args.tuned, safe_load=True)

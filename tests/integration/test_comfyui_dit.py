@@ -104,7 +104,7 @@ def _check_apply(res: dict, model_class: str, *, split: bool = False) -> None:
     assert res["model_class"] == model_class, res.get("model_class")
     assert res["not_loaded"] == [], f"ComfyUI did not load these LoRA keys: {res['not_loaded'][:20]}"
     if split:  # diffusers names: one module per q/k/v part, ComfyUI patches row slices of the fused weight
-        assert res["lora_modules"] >= res["written"] and res["patched_keys"] == res["written"], res
+        assert res["patched_keys"] == res["written"], {k: v for k, v in res.items() if k != "layers"}
     else:
         assert res["lora_modules"] == res["written"] == res["patch_targets"] == res["patched_keys"], res
     assert res["unpatched_targets"] == []
