@@ -15,9 +15,11 @@ the time/label embeddings go with ``conv_in`` in ``IN00``, ``conv_out`` in the l
   26    any     BASE IN00 … IN11 M00 OUT00 … OUT11
   12    SDXL    BASE IN04 IN05 IN07 IN08 M00 OUT00 … OUT05 (the attention blocks)
   20    SDXL    BASE IN00 … IN08 M00 OUT00 … OUT08
+  60    Flux    BASE IN00 D00 … D18 S00 … S37 OUT00 (embedders, double, single blocks, final layer)
+  27    SD3     BASE IN00 J00 … J23 OUT00 (SD3 / SD3.5 medium joint blocks); 41: SD3.5 large (J00 … J37)
   ====  ======  ==========================================================================
 
-  Like LBW (its ``to26``), the blocks a short form leaves out get weight **0**. In a plain
+  The layouts are the ``blocks`` of each architecture record (``core/data/archs``). Like LBW (its ``to26``), the blocks a short form leaves out get weight **0**. In a plain
   (attention-only) LoRA those blocks hold no layers; in a LoCon they hold the conv-only
   ResNet/sampler layers, which are therefore dropped, exactly as LBW does.
 * **named**: ``"BASE:1, IN04:0.5, OUT01=0"`` (``:`` or ``=``, comma/semicolon/newline separated,
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from .types import Arch
 
@@ -48,11 +50,27 @@ BLOCKS_20: tuple[str, ...] = (
     ("BASE",) + tuple(f"IN{i:02d}" for i in range(9)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(9))
 )
 
-_LAYOUTS: Mapping[Arch, Mapping[int, tuple[str, ...]]] = {
-    Arch.SD1: {17: BLOCKS_17, 26: BLOCKS_26},
-    Arch.SD2: {17: BLOCKS_17, 26: BLOCKS_26},
-    Arch.SDXL: {12: BLOCKS_12, 20: BLOCKS_20, 26: BLOCKS_26},
-}
+def _layouts(arch: Arch) -> Mapping[int, tuple[str, ...]]:
+    """Positional block layouts of ``arch``, from its record (count → labels in order)."""
+    from .archs import record
+
+    return record(arch).blocks
+
+
+class _Layouts(Mapping):
+    """``_LAYOUTS[arch]``: kept as a mapping view over the records for existing callers."""
+
+    def __getitem__(self, arch):
+        return _layouts(Arch(arch))
+
+    def __iter__(self):
+        return iter(Arch)
+
+    def __len__(self) -> int:
+        return len(Arch)
+
+
+_LAYOUTS: Mapping[Arch, Mapping[int, tuple[str, ...]]] = _Layouts()
 
 _ALIASES: Mapping[str, str] = {"MID": "M00", "M0": "M00", "MIDDLE": "M00"}
 
@@ -121,7 +139,7 @@ def parse_block_weights(text: str, arch: Arch) -> dict[str, float]:
     layout = _LAYOUTS[arch].get(len(parts))
     if layout is None:
         raise ValueError(f"{len(parts)} block weights given for {arch.value}; use {_forms(arch)}")
-    weights = {label: 0.0 for label in BLOCKS_26}
+    weights = {label: 0.0 for label in block_labels(arch)}
     for label, value in zip(layout, parts):
         weights[label] = _number(value, label, arch)
     return weights

@@ -54,8 +54,14 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")
+def _record_prefixes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from .archs import COMFY_LORA_PREFIXES, kohya_prefixes
+
+    return kohya_prefixes(), COMFY_LORA_PREFIXES
+
+
+# From the architecture records (core/data/archs): lora_unet_, lora_te_, lora_te1_ … lora_te3_.
+KOHYA_PREFIXES, COMFY_PREFIXES = _record_prefixes()
 
 
 class LoraFormat(str, enum.Enum):
@@ -389,7 +395,7 @@ def _kohya_named(name: str) -> bool:
 
 
 def _component_prefix(name: str) -> tuple[str, str]:
-    for prefix in ("unet.", "text_encoder_2.", "text_encoder.", "transformer."):
+    for prefix in ("unet.", "text_encoder_3.", "text_encoder_2.", "text_encoder.", "transformer."):
         if name.startswith(prefix):
             return prefix[:-1], name[len(prefix) :]
     return "", name
@@ -400,20 +406,24 @@ def _candidates(name: str) -> list[str]:
     out = [name]
     stems = [name]
     for wrapper, prefixes in (
-        ("base_model.model.", ("", "unet.", "text_encoder.", "text_encoder_2.")),
+        ("base_model.model.", ("", "unet.", "transformer.", "text_encoder.", "text_encoder_2.")),
         ("unet.base_model.model.", ("unet.",)),
         ("text_encoder.base_model.model.", ("text_encoder.",)),
         ("text_encoder_2.base_model.model.", ("text_encoder_2.",)),
+        ("text_encoder_3.base_model.model.", ("text_encoder_3.",)),
+        ("transformer.base_model.model.", ("transformer.",)),
     ):
         if name.startswith(wrapper):
             rest = name[len(wrapper) :]
             stems.extend(p + rest for p in prefixes)
     if name.startswith("lycoris_"):
         stems.append("lora_unet_" + name[len("lycoris_") :])
-    if not name.startswith(("unet.", "text_encoder", "base_model.")) and "." in name and not name.startswith(
+    if name.startswith("lora_transformer_"):  # OneTrainer / ComfyUI spelling of kohya DiT names
+        stems.append("lora_unet_" + name[len("lora_transformer_") :])
+    if not name.startswith(("unet.", "transformer.", "text_encoder", "base_model.")) and "." in name and not name.startswith(
         COMFY_PREFIXES
     ):  # diffusers / PEFT paths saved without a component prefix
-        stems.extend(p + name for p in ("unet.", "text_encoder.", "text_encoder_2."))
+        stems.extend(p + name for p in ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3."))
     for stem in list(stems):
         # transformers ≥ 5 dropped CLIPTextModel's "text_model." level from module paths
         m = re.match(r"^(text_encoder(?:_2)?\.)(encoder\.layers\..*)$", stem)
@@ -472,21 +482,25 @@ def _table_for(arch: Arch, size: str = "full"):
     return _archs().key_table(arch, size)
 
 
-_TABLE_SIZES = ("full", "tiny")  # tiny: the test/demo tables (same names, tiny shapes)
+def _table_sizes(arch: Arch) -> tuple[str, ...]:
+    """Every key-table size of ``arch``'s record ("full", "tiny" test tables, SD3 "large")."""
+    return _archs().arch_sizes(arch)
 
 
 def arch_from_metadata(metadata: Mapping[str, str] | None) -> Arch | None:
-    """The architecture a file's ss_*/modelspec metadata declares, if any."""
+    """The architecture a file's ss_*/modelspec metadata declares, if any.
+
+    Each record lists value prefixes per metadata key (``metadata_match``); records are tried in
+    ``metadata_priority`` order (SDXL before SD1, since ``ss_v2`` is written by both).
+    """
     if not metadata:
         return None
-    base = str(metadata.get("ss_base_model_version", "")).lower()
-    spec = str(metadata.get("modelspec.architecture", "")).lower()
-    if base.startswith("sdxl") or spec.startswith("stable-diffusion-xl"):
-        return Arch.SDXL
-    if base.startswith("sd_v2") or spec.startswith("stable-diffusion-v2") or metadata.get("ss_v2") == "True":
-        return Arch.SD2
-    if base.startswith("sd_v1") or spec.startswith("stable-diffusion-v1"):
-        return Arch.SD1
+    recs = sorted(_archs().records(), key=lambda r: r.metadata_priority)
+    for rec in recs:
+        for key, prefixes in rec.metadata_match.items():
+            value = str(metadata.get(key, "")).lower()
+            if value and any(value.startswith(p) if key != "ss_v2" else value == p for p in prefixes):
+                return rec.arch
     return None
 
 
@@ -656,6 +670,59 @@ def _fit_to_spec(layer: LayerDelta, shape: tuple[int, ...]) -> LayerDelta | None
     return fitted if fitted.weight_shape == shape else None
 
 
+def _fuse_parts(built: list[_Built], table) -> list[_Built]:
+    """Join diffusers modules that are parts of one fused layer of ``table`` (Flux/SD3 ``to_q``,
+    ``to_k``, ``to_v`` → ``qkv``) into one low-rank layer with the same ΔW: the parts' up factors
+    (scaled by alpha/r) are placed at their rows, and the down factors stacked, or shared when
+    every part has the same one (as Rankwise's diffusers writer stores them). Parts that are
+    absent are zero rows."""
+    if not getattr(table, "_parts", None):
+        return built
+    groups: dict[str, list[tuple[_Built, tuple]]] = {}
+    specs: dict[str, object] = {}
+    rest: list[_Built] = []
+    for b in built:
+        hit = None
+        if isinstance(b.layer, LoraLayer) and b.layer.mid is None and b.layer.up.dim() == 2:
+            for c in _candidates(b.name):
+                hit = table.by_diffusers_part(c)
+                if hit is not None:
+                    break
+        if hit is None:
+            rest.append(b)
+            continue
+        spec, pieces = hit
+        groups.setdefault(spec.kohya, []).append((b, pieces))
+        specs[spec.kohya] = spec
+    if not groups:
+        return built
+    for kohya, members in groups.items():
+        spec = specs[kohya]
+        rows, cols = spec.shape[0], _numel(spec.shape[1:])
+        downs = [b.layer.down.float().reshape(b.layer.down.shape[0], -1) for b, _ in members]
+        if any(d.shape[1] != cols for d in downs):
+            rest.extend(b for b, _ in members)  # not this table's shapes: left to the mismatch report
+            continue
+        shared = all(d.shape == downs[0].shape and torch.equal(d, downs[0]) for d in downs)
+        total = downs[0].shape[0] if shared else sum(d.shape[0] for d in downs)
+        up = torch.zeros(rows, total)
+        offset = 0
+        for (b, pieces), d in zip(members, downs):
+            r = d.shape[0]
+            scaled = b.layer.up.float() * (float(b.layer.alpha) / b.layer.rank)
+            cols_at = slice(0, r) if shared else slice(offset, offset + r)
+            for piece in pieces:
+                src = piece.part_rows or (0, piece.rows[1] - piece.rows[0])
+                if src[1] > scaled.shape[0]:
+                    break
+                up[piece.rows[0]:piece.rows[1], cols_at] = scaled[src[0]:src[1]]
+            offset += r
+        down = downs[0] if shared else torch.cat(downs, dim=0)
+        formats: set[LoraFormat] = set().union(*(b.formats for b, _ in members))
+        rest.append(_Built(kohya, LoraLayer(up=up, down=down, alpha=float(total)), formats, False))
+    return rest
+
+
 def _score(names: _Names, built: list[_Built]) -> tuple[int, int]:
     ok = bad = 0
     for b in built:
@@ -679,12 +746,12 @@ def _choose_table(built: list[_Built], metadata: Mapping[str, str] | None):
         named = None
     best, best_key = None, None
     for arch in Arch:
-        for size in _TABLE_SIZES:
+        for size in _table_sizes(arch):
             try:
                 table = _table_for(arch, size)
             except Exception:
                 continue
-            ok, bad = _score(_Names(table), built)
+            ok, bad = _score(_Names(table), _fuse_parts(built, table))
             key = (ok - bad, arch == named, arch == hint)
             if ok > 0 and (best_key is None or key > best_key):
                 best, best_key = table, key
@@ -692,15 +759,15 @@ def _choose_table(built: list[_Built], metadata: Mapping[str, str] | None):
 
 
 def _table_of_arch(arch: Arch, built: list[_Built]):
-    """The full-size table of ``arch``, or its tiny test table when only that one fits the shapes."""
-    full = _table_for(arch)
-    try:
-        tiny = _table_for(arch, "tiny")
-    except Exception:
-        return full
-    f_ok, f_bad = _score(_Names(full), built)
-    t_ok, t_bad = _score(_Names(tiny), built)
-    return tiny if t_ok - t_bad > f_ok - f_bad else full
+    """The full-size table of ``arch``, or another size of its record (the tiny test table, SD3
+    large) when that one fits the shapes better."""
+    best, best_score = _table_for(arch), None
+    for size in _table_sizes(arch):
+        table = _table_for(arch, size)
+        ok, bad = _score(_Names(table), _fuse_parts(built, table))
+        if best_score is None or ok - bad > best_score:
+            best, best_score = table, ok - bad
+    return best
 
 
 @dataclass
@@ -716,6 +783,10 @@ class _Mapped:
     densified: list[str]
     notes: list[str]
     mismatched_names: list[str] = field(default_factory=list)
+
+
+def _known_archs() -> str:
+    return " / ".join(r.label for r in _archs().records())
 
 
 def _arch_label(table) -> str:
@@ -775,7 +846,7 @@ def _check_fit(mapped: _Mapped, built: list[_Built], table, explicit: bool, skip
     if mapped.mismatched and len(mapped.mismatched) * 2 > len(built):
         raise MismatchError(
             f"{len(mapped.mismatched)} LoRA layers do not fit {label}: {_sample(mapped.mismatched, 4)}. "
-            "Is this LoRA for another model (SD1 / SD2 / SDXL)?"
+            f"Is this LoRA for another model ({_known_archs()})?"
         )
     if mapped.mismatched and not skip_bad:
         raise _bad_module_error(mapped.mismatched, label)
@@ -898,11 +969,13 @@ def lora_from_state_dict(
         if foreign:
             raise FormatError(
                 f"cannot map module names such as {_sample(foreign, 3)} to a known architecture "
-                "(SD1/SD2/SDXL); pass arch= to say which model the LoRA is for."
+                f"({_known_archs()}); pass arch= to say which model the LoRA is for."
             )
         if not generic:
             notes.append("architecture not recognised: kohya names kept as they are, shapes not checked")
 
+    if table is not None:
+        built = _fuse_parts(built, table)
     mapped = _map_modules(built, table)
     if generic:
         for key in sd:
@@ -951,7 +1024,7 @@ def _hint_other_arch(built: list[_Built], table) -> str:
         if arch == own:
             continue
         try:
-            ok, bad = _score(_Names(_table_for(arch)), built)
+            ok, bad = _score(_Names(_table_for(arch)), _fuse_parts(built, _table_for(arch)))
         except Exception:
             continue
         if ok - bad > best_ok:
@@ -1116,20 +1189,166 @@ def lora_to_comfy_state_dict(
     ``text_encoders.<clip key>.lora_up.weight`` (what ComfyUI's own LoRA extractor writes, plus
     ``.alpha``). Needs the key table of ``lora.arch`` (or ``table``); unknown layers raise
     :class:`MismatchError`."""
-    if table is None:
-        if lora.arch is None:
-            raise MismatchError("the LoRA has no architecture; ComfyUI key names need one (SD1/SD2/SDXL)")
-        table = _table_for(lora.arch)
-    missing = [n for n in lora.layers if table.by_kohya(n) is None]
+    return {key: produce() for key, _, _, produce in _comfy_items(lora, dtype=dtype, alpha=None, table=table)}
+
+
+# --------------------------------------------------------------------------------------------
+# writer codecs: one per naming style, beside the reader table
+
+
+def _table_of(lora: Lora, table: KeyTable | None, what: str):
+    if table is not None:
+        return table
+    if lora.arch is None:
+        raise MismatchError(f"the LoRA has no architecture; {what} names need one ({_known_archs()})")
+    return _table_for(lora.arch, _size_fitting(lora))
+
+
+def _size_fitting(lora: Lora) -> str:
+    """The size of ``lora.arch``'s record whose table fits the LoRA's layer shapes best."""
+    best, best_ok = "full", -1
+    for size in _table_sizes(lora.arch):
+        table = _table_for(lora.arch, size)
+        ok = 0
+        for name, layer in lora.layers.items():
+            spec = table.by_kohya(name)
+            ok += spec is not None and _numel(spec.shape) == _numel(layer.weight_shape)
+        if ok > best_ok:
+            best, best_ok = size, ok
+    return best
+
+
+def _specs_of(lora: Lora, table, style: str) -> dict[str, object]:
+    specs = {n: table.by_kohya(n) for n in lora.layers}
+    missing = [n for n, s in specs.items() if s is None]
     if missing:
         raise MismatchError(
-            f"{len(missing)} layers are not in the {getattr(table.arch, 'value', table.arch)} key table, "
-            f"so they have no ComfyUI name: {_sample(missing, 4)}"
+            f"{len(missing)} layers are not in the {_arch_label(table)} key table, so they have no {style} "
+            f"name: {_sample(missing, 4)}"
         )
+    return specs
+
+
+def _kohya_items(lora: Lora, *, dtype: torch.dtype, alpha: float | None, table=None) -> list[StreamItem]:
+    return lora_state_items(lora, dtype=dtype, alpha=alpha)
+
+
+def _comfy_items(lora: Lora, *, dtype: torch.dtype, alpha: float | None, table=None) -> list[StreamItem]:
+    table = _table_of(lora, table, "ComfyUI key")
+    specs = _specs_of(lora, table, "ComfyUI")
 
     def comfy_name(name: str) -> str:
-        key = table.by_kohya(name).comfy_key
+        key = specs[name].comfy_key
         stem = key[: -len(".weight")] if key.endswith(".weight") else key
         return stem if stem.startswith("diffusion_model.") else "text_encoders." + stem
 
-    return _write(lora, dtype, comfy_name)
+    return lora_state_items(lora, dtype=dtype, alpha=alpha, name_of=comfy_name)
+
+
+def _diffusers_parts(spec, up: Tensor) -> list[tuple[str, Tensor]]:
+    """``(diffusers module path, up rows of that module)``: a fused layer's up factor split by rows
+    (pieces placed where diffusers keeps them, e.g. its swapped shift/scale halves)."""
+    if not spec.splits:
+        return [(spec.diffusers, up)]
+    out = []
+    for path in spec.diffusers_modules:
+        pieces = [s for s in spec.splits if s.path == path]
+        rows = max((s.part_rows or (0, s.rows[1] - s.rows[0]))[1] for s in pieces)
+        part = up.new_zeros((rows,) + tuple(up.shape[1:]))
+        for s in pieces:
+            dst = s.part_rows or (0, s.rows[1] - s.rows[0])
+            part[dst[0]:dst[1]] = up[s.rows[0]:s.rows[1]]
+        out.append((path, part))
+    return out
+
+
+def _diffusers_items(lora: Lora, *, dtype: torch.dtype, alpha: float | None = None, table=None) -> list[StreamItem]:
+    """diffusers / PEFT names: ``<module>.lora_A.weight`` (down) and ``.lora_B.weight`` (up × alpha/r),
+    no ``.alpha`` (PEFT's scale is 1); T5 layers keep kohya names (``lora_te3_…``, which ComfyUI loads). A fused weight diffusers splits gets the same down factor
+    on every part and its up factor split by rows, which is exact: ``[B_q; B_k; B_v] A = B A``."""
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"save dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+    table = _table_of(lora, table, "diffusers")
+    specs = _specs_of(lora, table, "diffusers")
+    dense = [n for n, layer in lora.layers.items() if not isinstance(layer, LoraLayer) or layer.mid is not None]
+    if dense:
+        raise MismatchError(
+            f"{len(dense)} layers are full ΔW or Tucker (LoCon mid) layers, which diffusers/PEFT names cannot "
+            f"hold: {_sample(dense, 4)}; save them with kohya names"
+        )
+    nonfinite = [n for n, layer in lora.layers.items() if not _finite(layer)]
+    if nonfinite:
+        raise NonFiniteError(f"{len(nonfinite)} layers hold NaN/Inf values: {_sample(nonfinite, 6)}", tuple(nonfinite))
+    # T5 has no diffusers LoRA name any loader reads (diffusers' SD3/Flux loaders skip it; ComfyUI
+    # maps only kohya / ComfyUI names onto T5), so its layers keep their kohya names in this style.
+    t5 = {te.component for te in _archs().arch_config(table.arch).text_encoders if te.layout.value == "t5"}
+    kept = Lora({n: layer for n, layer in lora.layers.items() if specs[n].component in t5}, arch=lora.arch)
+    items: list[StreamItem] = lora_state_items(kept, dtype=dtype) if kept.layers else []
+    overflow: list[str] = []
+    for name, layer in lora.layers.items():
+        spec = specs[name]
+        if spec.component in t5:
+            continue
+        scale = float(layer.alpha) / layer.rank
+        up = layer.up.detach().float() * scale
+        for path, part in _diffusers_parts(spec, up):
+            for suffix, t in (("lora_A.weight", layer.down), ("lora_B.weight", part)):
+                produce = partial(_cast, t, dtype)
+                if not bool(torch.isfinite(produce()).all()) and name not in overflow:
+                    overflow.append(name)
+                items.append((f"{path}.{suffix}", tuple(t.shape), dtype, produce))
+    if overflow:
+        raise NonFiniteError(
+            f"{len(overflow)} layers overflow {str(dtype).replace('torch.', '')}: {_sample(overflow, 6)}. Save as "
+            "bfloat16 or float32, or lower the strength.",
+            tuple(overflow),
+        )
+    return items
+
+
+def _naming_style(style):
+    return _archs().NamingStyle(getattr(style, "value", style))
+
+
+def _writers() -> dict:
+    ns = _archs().NamingStyle
+    return {ns.KOHYA: _kohya_items, ns.COMFY: _comfy_items, ns.DIFFUSERS: _diffusers_items}
+
+
+def naming_styles(arch: Arch | None) -> tuple[str, ...]:
+    """The naming styles a LoRA of ``arch`` can be saved in (its record's list; kohya and
+    ComfyUI-native without an architecture)."""
+    if arch is None:
+        return ("kohya",)
+    return tuple(s.value for s in _archs().record(arch).naming_styles)
+
+
+def lora_items(
+    lora: Lora,
+    naming="kohya",
+    *,
+    dtype: torch.dtype = torch.float16,
+    alpha: float | None = None,
+    table: KeyTable | None = None,
+) -> list[StreamItem]:
+    """The state dict of ``lora`` in one naming style (``kohya`` | ``comfy`` | ``diffusers``, or ``auto``:
+    the first style of the architecture's record: diffusers for SD3, kohya for the others), as
+    stream items; each style is a codec in ``_writers()`` (see :func:`lora_state_items` for kohya).
+    ``alpha`` (a uniform alpha) applies to the styles that write ``.alpha``."""
+    if str(getattr(naming, "value", naming)) == "auto":  # the record's default style (kohya without an arch)
+        naming = naming_styles(lora.arch)[0]
+    style = _naming_style(naming)
+    if style.value not in ("kohya",) and lora.arch is not None and table is None:
+        allowed = naming_styles(lora.arch)
+        if style.value not in allowed:
+            raise MismatchError(
+                f"{_archs().arch_label(lora.arch)} LoRAs are saved with {' or '.join(allowed)} names, not {style.value}"
+            )
+    return _writers()[style](lora, dtype=dtype, alpha=alpha, table=table)
+
+
+def lora_to_diffusers_state_dict(
+    lora: Lora, *, dtype: torch.dtype = torch.float16, table: KeyTable | None = None
+) -> dict[str, Tensor]:
+    """diffusers/PEFT key style (``transformer.…lora_A/lora_B.weight``; see :func:`_diffusers_items`)."""
+    return {key: produce() for key, _, _, produce in _diffusers_items(lora, dtype=dtype, table=table)}

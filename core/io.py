@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequenc
 import torch
 
 from .errors import FormatError, MismatchError, OutputError, UnsafePathError
-from .formats import ReadReport, common_alpha, lora_from_state_dict, lora_state_items
+from .formats import ReadReport, common_alpha, lora_from_state_dict, lora_items
 from .metadata import streamed_hashes
 from .stream_write import plan_safetensors, write_plan
 from .types import Arch, Lora
@@ -818,8 +818,11 @@ def save_lora(
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
     uniform_alpha: bool = True,
+    naming: str = "auto",
 ) -> SaveResult:
-    """Save ``lora`` as a kohya-format .safetensors file.
+    """Save ``lora`` as a .safetensors file, with the names ``naming`` says: ``kohya``, ``comfy``
+    (``diffusion_model.…``), ``diffusers`` (``transformer.…lora_A/B``) or ``auto`` (the architecture
+    record's default: kohya, diffusers for SD3; see ``formats.lora_items``).
 
     The metadata is ``lora.metadata`` updated with ``metadata``, plus ``sshs_model_hash`` /
     ``sshs_legacy_hash`` (kohya's hashes over the tensors and the ``ss_*`` keys). With
@@ -835,7 +838,7 @@ def save_lora(
             f"{target}: the LoRA is empty (no layers) — nothing to save; check the inputs, filters or "
             "merge ratios that produced it"
         )
-    items = lora_state_items(lora, dtype=dtype, alpha=common_alpha(lora) if uniform_alpha else None)
+    items = lora_items(lora, naming, dtype=dtype, alpha=common_alpha(lora) if uniform_alpha else None)
     md: dict[str, str] = dict(lora.metadata)
     for k, v in (metadata or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):

@@ -28,23 +28,34 @@ from .types import Arch, LayerKind, Lora, LoraLayer
 
 Tensor = torch.Tensor
 
-BASE_MODEL_VERSION: dict[Arch, str] = {Arch.SD1: "sd_v1", Arch.SD2: "sd_v2", Arch.SDXL: "sdxl_base_v1-0"}
-MODELSPEC_ARCH: dict[Arch, str] = {
-    Arch.SD1: "stable-diffusion-v1/lora",
-    Arch.SD2: "stable-diffusion-v2-512/lora",
-    Arch.SDXL: "stable-diffusion-xl-v1-base/lora",
-}
-MODELSPEC_IMPLEMENTATION: dict[Arch, str] = {
-    Arch.SD1: "diffusers",
-    Arch.SD2: "diffusers",
-    Arch.SDXL: "https://github.com/Stability-AI/generative-models",
-}
-RESOLUTION: dict[Arch, str] = {Arch.SD1: "512x512", Arch.SD2: "512x512", Arch.SDXL: "1024x1024"}
+def _from_records(key: str) -> dict[Arch, str]:
+    from .archs import records  # the architecture records (core/data/archs) hold these strings
+
+    return {r.arch: r.metadata[key] for r in records() if key in r.metadata}
+
+
+BASE_MODEL_VERSION: dict[Arch, str] = _from_records("ss_base_model_version")
+MODELSPEC_ARCH: dict[Arch, str] = _from_records("modelspec.architecture")
+MODELSPEC_IMPLEMENTATION: dict[Arch, str] = _from_records("modelspec.implementation")
+RESOLUTION: dict[Arch, str] = _from_records("modelspec.resolution")
 SAI_MODEL_SPEC_VERSION = "1.0.1"
 NETWORK_MODULE = "networks.lora"
 DYNAMIC = "Dynamic"
 
 # Bytes above which hashes are computed from a temporary file instead of an in-memory copy.
+
+
+def _arch_metadata(lora: Lora, carried: Mapping[str, str]) -> dict[str, str]:
+    """The record's metadata strings for ``lora.arch``: the size its layers fit (SD3 large), and a
+    variant the carried ``ss_base_model_version`` names (SD2 ``sd_v2_v`` → v-prediction)."""
+    from .archs import record
+    from .formats import _size_fitting
+
+    rec = record(lora.arch)
+    size = _size_fitting(lora) if len(rec.size_metadata) else "full"
+    variant = next((name for name, m in rec.metadata_variants.items()
+                    if m.get("ss_base_model_version") == carried.get("ss_base_model_version")), None)
+    return rec.metadata_for(size, variant)
 
 
 def rankwise_version() -> str:
@@ -123,24 +134,19 @@ def build_metadata(
     out.update(carried)
     out.update(network_fields(lora))
     arch = lora.arch
-    v_pred = False
+    spec: dict[str, str] = {}
     if arch is not None:
-        base = BASE_MODEL_VERSION[arch]
-        if arch is Arch.SD2 and carried.get("ss_base_model_version") == "sd_v2_v":
-            base, v_pred = "sd_v2_v", True
-        out["ss_base_model_version"] = base
+        spec = _arch_metadata(lora, carried)
+        out["ss_base_model_version"] = spec["ss_base_model_version"]
         out["ss_v2"] = str(arch is Arch.SD2)
     old_comment = carried.get("ss_training_comment", "")
     if comment:
         out["ss_training_comment"] = f"{old_comment}; {comment}" if old_comment else comment
     out["modelspec.sai_model_spec"] = SAI_MODEL_SPEC_VERSION
-    if arch is not None:
-        out["modelspec.architecture"] = (
-            "stable-diffusion-v2-768-v/lora" if v_pred else MODELSPEC_ARCH[arch]
-        )
-        out["modelspec.implementation"] = MODELSPEC_IMPLEMENTATION[arch]
-        out["modelspec.resolution"] = "768x768" if v_pred else RESOLUTION[arch]
-        out["modelspec.prediction_type"] = "v" if v_pred else "epsilon"
+    for key in ("modelspec.architecture", "modelspec.implementation", "modelspec.resolution",
+                "modelspec.prediction_type"):
+        if key in spec:
+            out[key] = spec[key]
     out["modelspec.title"] = str(title)
     out["modelspec.date"] = iso_date(timestamp)
     if merged_from:

@@ -53,6 +53,7 @@ from typing import Callable, Generic, Iterable, Iterator, Protocol, Sequence, Ty
 
 import torch
 
+from .archs import is_text_encoder, text_encoder_kohya_prefixes  # noqa: F401 (re-exported)
 from .errors import Cancelled
 from .finite import non_finite_parts, overflows, raise_non_finite  # noqa: F401  (the one policy)
 from .memory import release_free_memory
@@ -66,12 +67,7 @@ Tensor = torch.Tensor
 T = TypeVar("T")
 R = TypeVar("R")
 
-TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-
-
-def is_text_encoder(name: str) -> bool:
-    """kohya module names of text-encoder layers start with ``lora_te``."""
-    return name.startswith(TEXT_ENCODER_PREFIXES)
+TEXT_ENCODER_PREFIXES = text_encoder_kohya_prefixes()  # "is this a text encoder?": the architecture records
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ the tiny test variant, whichever the shapes match) and a :class:`PairReport`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Iterable, Mapping, Protocol, runtime_checkable
 import torch
 
 from . import quant
-from .archs import SIZES, Component, KeyTable, LayerSpec, detect_arch, key_table
+from .archs import Component, FileLayout, KeyTable, LayerSpec, arch_label, arch_sizes, detect_file, key_table
 from .errors import FormatError, MismatchError
 from .types import Arch
 
@@ -400,9 +401,17 @@ class PrefixedSource:
         self.close()
 
 
-def open_source(path: str | os.PathLike) -> FileSource:
-    """Open a checkpoint file as a :class:`WeightSource` (close it, or use ``with``)."""
-    return FileSource(path)
+def open_source(path: str | os.PathLike) -> WeightSource:
+    """Open a checkpoint file as a :class:`WeightSource` (close it, or use ``with``).
+
+    A file in another layout than an all-in-one checkpoint (a diffusion-model-only file, a ComfyUI
+    state dict, a diffusers UNet/transformer file) is shown under the checkpoint keys of its
+    architecture's key table (:func:`.layouts.canonical_source`), so a base and a tuned model in
+    different layouts form a pair.
+    """
+    from .layouts import canonical_source  # late: layouts imports this module's neighbours
+
+    return canonical_source(FileSource(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +454,9 @@ class PairReport:
     notes: tuple[str, ...] = ()
     key_style: KeyStyle = KeyStyle.CHECKPOINT
     components: tuple[Component, ...] = ()  # components present on both sides
-    size: str = "full"  # which key table matched: "full" or "tiny"
+    size: str = "full"  # which key table matched: "full", "tiny" (or a record's other size)
+    base_layout: str = ""  # what the base file is, in words ("Flux.1 (flux), a diffusion-model-only file …")
+    tuned_layout: str = ""
 
     @property
     def ok(self) -> bool:
@@ -456,11 +467,20 @@ def _shapes(source: WeightSource) -> dict[str, tuple[int, ...]]:
     return {k: tuple(int(s) for s in source.shape(k)) for k in source.keys()}
 
 
-def _detect(source: WeightSource, shapes: Mapping[str, tuple[int, ...]]) -> Arch:
+def _detect(source: WeightSource, shapes: Mapping[str, tuple[int, ...]]):
     try:
-        return detect_arch(shapes)
+        return detect_file(shapes)
     except FormatError as e:
         raise FormatError(f"{source.name}: {e}") from None
+
+
+def _words(source: WeightSource, found) -> str:
+    """What a source is: its architecture and, for a layout view, the layout of the file behind it."""
+    view = getattr(source, "detection", None)
+    return (view or found).describe()
+
+
+_STYLE_LAYOUT = {"checkpoint": FileLayout.CHECKPOINT, "comfy": FileLayout.COMFY}
 
 
 def _expected_shape(table: KeyTable, key: str, spec: LayerSpec, style: KeyStyle) -> tuple[int, ...]:
@@ -483,7 +503,7 @@ def _pick_size(arch: Arch, shapes: Mapping[str, tuple[int, ...]], style: KeyStyl
         return sum(1 for key, specs in _table_keys(table, style).items()
                    if shapes.get(key) == _expected_shape(table, key, specs[0], style))
 
-    return max(SIZES, key=hits)  # ties: the first (full)
+    return max(arch_sizes(arch), key=hits)  # ties: the first (full)
 
 
 def _listing(items: list[str], what: str) -> str:
@@ -502,12 +522,25 @@ def compare_pair(base: WeightSource, tuned: WeightSource, *,
     """
     style = KeyStyle(key_style)
     base_shapes, tuned_shapes = _shapes(base), _shapes(tuned)
-    arch_b, arch_t = _detect(base, base_shapes), _detect(tuned, tuned_shapes)
+    found_b, found_t = _detect(base, base_shapes), _detect(tuned, tuned_shapes)
+    arch_b, arch_t = found_b.arch, found_t.arch
+    words_b, words_t = _words(base, found_b), _words(tuned, found_t)
     if arch_b is not arch_t:
         raise MismatchError(
-            f"architectures differ: base {base.name!r} is {arch_b.value.upper()}, tuned {tuned.name!r} is "
-            f"{arch_t.value.upper()}; extract from two checkpoints of the same family"
+            f"architectures differ: base {base.name!r} is {arch_b.value.upper()} ({words_b}), tuned "
+            f"{tuned.name!r} is {arch_t.value.upper()} ({words_t}); extract from two models of the same "
+            "architecture"
         )
+    wanted = _STYLE_LAYOUT[style.value]
+    off = [(side, src, found) for side, src, found in (("base", base, found_b), ("tuned", tuned, found_t))
+           if found.layout is not wanted and found.layout is not FileLayout.DIFFUSERS_PIPELINE]
+    if off:
+        listing = "; ".join(f"{side} {src.name!r} is {found.describe()}" for side, src, found in off)
+        other = [k for k, lay in _STYLE_LAYOUT.items() if all(f.layout is lay for _, _, f in off) and k != style.value]
+        hint = (f"use key_style={other[0]!r}" if other and len(off) == 2 else
+                "open files with rankwise.core.sources.open_source, which matches any layout of a known "
+                "architecture to the checkpoint keys")
+        raise MismatchError(f"{listing}, not {wanted.describe()} as key_style={style.value!r} reads; {hint}")
     size, tuned_size = _pick_size(arch_b, base_shapes, style), _pick_size(arch_b, tuned_shapes, style)
     table = key_table(arch_b, size)
     if tuned_size != size:
@@ -565,7 +598,13 @@ def compare_pair(base: WeightSource, tuned: WeightSource, *,
         key_style=style,
         components=tuple(components),
         size=size,
+        base_layout=words_b,
+        tuned_layout=words_t,
     )
+    if words_b != words_t:
+        report = dataclasses.replace(report, notes=report.notes + (
+            f"layouts differ, matched by the {arch_label(arch_b)} record: base {base.name!r} is {words_b}; "
+            f"tuned {tuned.name!r} is {words_t}",))
     return table, report
 
 
@@ -595,7 +634,8 @@ def preflight(base: WeightSource, tuned: WeightSource, *,
         problems.append(_listing(items, "shape mismatches (base vs tuned)"))
     if problems:
         raise MismatchError(
-            f"{base.name!r} and {tuned.name!r} ({report.arch.value}) do not match layer for layer; "
+            f"{base.name!r} ({report.base_layout}) and {tuned.name!r} ({report.tuned_layout}) do not match "
+            "layer for layer; "
             + "; ".join(problems)
             + ". Use two checkpoints of the same model family and layout."
         )

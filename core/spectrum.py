@@ -50,8 +50,10 @@ def _log_ticks(hi: float) -> list[tuple[int, bool]]:
 def short_name(name: str, limit: int = 44) -> str:
     """A compact label for a kohya layer name."""
     s = name
-    for old, new in (("lora_unet_", "unet "), ("lora_te1_", "te1 "), ("lora_te2_", "te2 "), ("lora_te_", "te "),
-                     ("text_model_encoder_layers_", "L"), ("transformer_blocks_", "tb"),
+    for old, new in (("lora_unet_", "unet "), ("lora_te1_", "te1 "), ("lora_te2_", "te2 "), ("lora_te3_", "te3 "),
+                     ("lora_te_", "te "), ("text_model_encoder_layers_", "L"), ("encoder_block_", "B"),
+                     ("double_blocks_", "db"), ("single_blocks_", "sb"), ("joint_blocks_", "jb"),
+                     ("context_block_", "ctx "), ("transformer_blocks_", "tb"),
                      ("input_blocks_", "in"), ("output_blocks_", "out"), ("middle_block_", "mid"),
                      ("down_blocks_", "down"), ("up_blocks_", "up"), ("attentions_", "att"), ("resnets_", "res")):
         s = s.replace(old, new)
@@ -206,10 +208,9 @@ def render_spectrum(
 
 
 def _component(name: str) -> str:
-    for prefix, comp in (("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"), ("lora_unet_", "unet")):
-        if name.startswith(prefix):
-            return comp
-    return "other"
+    from .archs import component_of_kohya  # the records know every component's kohya prefix
+
+    return component_of_kohya(name)
 
 
 def select_layers_for_plot(report: Report, n: int = 6) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .archs import Component, KeyTable, LayerPreset, LayerSpec, key_table
+from .archs import Component, FileLayout, KeyTable, LayerPreset, LayerSpec, key_table, layout_names
 from .stream_write import Producer, StreamItem, parse_dtype, write_safetensors_streaming
 from .types import Arch, Lora, LoraLayer, factors_to_layer_shapes
 
@@ -152,6 +152,8 @@ def write_checkpoint_pair(
     extra_layout: Mapping[str, tuple[Sequence[int], str]] | None = None,
     return_deltas: bool | None = None,
     fsync: bool = False,
+    keep: Callable[[str], bool] | None = None,
+    layouts: tuple[FileLayout | str, FileLayout | str] = (FileLayout.CHECKPOINT, FileLayout.CHECKPOINT),
 ) -> dict[str, torch.Tensor]:
     """Write a base and a tuned original-layout checkpoint whose difference is planted.
 
@@ -169,6 +171,12 @@ def write_checkpoint_pair(
             (position_ids become ``arange``, 1-D weights (norms) ones, biases zeros, the rest small noise).
         return_deltas: return the planted deltas; default: only for ``size="tiny"``.
         fsync: flush both files to disk (synthetic data: off by default; the rename is atomic anyway).
+        keep: which checkpoint keys (table and extra) to write, e.g. :func:`reduced_depth` for a
+            Flux with one double and one single block at real width.
+        layouts: the file layout of the base and the tuned file (:class:`archs.FileLayout`):
+            ``checkpoint`` (as the table names them), ``comfy`` / ``bare`` (the diffusion model only,
+            ``diffusion_model.`` / no prefix) or ``diffusers`` (table weights only, fused q/k/v split
+            into diffusers' modules).
 
     Returns:
         The planted fp32 ΔW keyed by kohya name (non-zero layers only), or ``{}`` if not asked.
@@ -178,7 +186,7 @@ def write_checkpoint_pair(
     if os.path.abspath(base_path) == os.path.abspath(tuned_path):
         raise ValueError(f"base and tuned paths are the same file: {os.fspath(base_path)!r}")
     table = key_table(arch, size)
-    keep = (size == "tiny") if return_deltas is None else return_deltas
+    keep_deltas = (size == "tiny") if return_deltas is None else return_deltas
     extras = {}
     for key, (shape, dt) in (extra_layout or {}).items():
         if table.by_checkpoint_key(key):
@@ -206,7 +214,7 @@ def write_checkpoint_pair(
                     weight += dw
                 else:
                     weight[spec.rows[0]: spec.rows[1]] += dw
-                if keep and (delta.kind is not DeltaKind.NONE and spec.component in delta.components):
+                if keep_deltas and (delta.kind is not DeltaKind.NONE and spec.component in delta.components):
                     planted[spec.kohya] = dw
             return weight.to(dtype)
 
@@ -218,11 +226,79 @@ def write_checkpoint_pair(
     def items(make: Callable[[str], Producer]) -> list[StreamItem]:
         out: list[StreamItem] = [(k, table.checkpoint_shape(k), dtype, make(k)) for k in table.checkpoint_keys()]
         out += [(k, shape, dt, extra(k, shape, dt)) for k, (shape, dt) in extras.items()]
-        return out
+        return [item for item in out if keep is None or keep(item[0])]
 
-    write_safetensors_streaming(base_path, items(base), meta, fsync=fsync)
-    write_safetensors_streaming(tuned_path, items(tuned), meta, fsync=fsync)
+    base_layout, tuned_layout = (FileLayout(x) for x in layouts)
+    write_safetensors_streaming(base_path, relayout(items(base), table, base_layout), meta, fsync=fsync)
+    write_safetensors_streaming(tuned_path, relayout(items(tuned), table, tuned_layout), meta, fsync=fsync)
     return planted
+
+
+def reduced_depth(arch: Arch, *, double: int = 1, single: int = 1, joint: int | None = None,
+                  text_encoders: bool = False) -> Callable[[str], bool]:
+    """A ``keep`` filter for :func:`write_checkpoint_pair`: the first ``double``/``single`` Flux blocks
+    (or ``joint`` SD3 blocks), every non-block key, and the text encoders only when asked."""
+    from .archs import record
+
+    prefix = record(arch).diffusion_prefixes.checkpoint
+    limits = {"double_blocks.": double, "single_blocks.": single, "joint_blocks.": joint}
+
+    def keep(key: str) -> bool:
+        if not key.startswith(prefix):
+            return text_encoders
+        rest = key[len(prefix):]
+        for head, limit in limits.items():
+            if rest.startswith(head) and limit is not None:
+                return int(rest[len(head):].split(".", 1)[0]) < limit
+        return True
+
+    return keep
+
+
+def relayout(items: Sequence[StreamItem], table: KeyTable, layout: FileLayout) -> list[StreamItem]:
+    """Stream items named in checkpoint keys, renamed to another file layout (see
+    :func:`write_checkpoint_pair`); a fused weight diffusers splits becomes one item per part."""
+    from .archs import record
+
+    layout = FileLayout(layout)
+    if layout is FileLayout.CHECKPOINT:
+        return list(items)
+    pre = record(table.arch).diffusion_prefixes
+    out: list[StreamItem] = []
+    for key, shape, dt, produce in items:
+        if not key.startswith(pre.checkpoint):
+            continue  # text encoders: a diffusion-model-only file has none
+        module = key[len(pre.checkpoint):]
+        if layout is FileLayout.COMFY:
+            out.append((pre.comfy + module, shape, dt, produce))
+        elif layout is FileLayout.BARE:
+            out.append((module, shape, dt, produce))
+        else:
+            specs = table.by_checkpoint_key(key)
+            if not specs:
+                continue  # biases and norms: the table's weights only
+            spec = specs[0]
+            strip = layout is FileLayout.DIFFUSERS
+            for name, part_shape in layout_names(spec, table, layout):
+                path = (pre.diffusers if strip else "") + name[: -len(".weight")]
+                pieces = [s for s in spec.splits if s.path == path]
+                out.append((name, part_shape, dt, _part_producer(produce, pieces, part_shape)))
+    return out
+
+
+def _part_producer(produce: Producer, pieces, shape: tuple[int, ...]) -> Producer:
+    if not pieces:
+        return produce
+
+    def make() -> torch.Tensor:
+        full = produce()
+        part = torch.empty(shape, dtype=full.dtype)
+        for s in pieces:
+            dst = s.part_rows or (0, s.rows[1] - s.rows[0])
+            part[dst[0]:dst[1]] = full[s.rows[0]:s.rows[1]]
+        return part
+
+    return make
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ class Arch(str, enum.Enum):
     SD1 = "sd1"
     SD2 = "sd2"
     SDXL = "sdxl"
+    FLUX = "flux"  # Flux.1 dev / schnell and their fine-tunes
+    SD3 = "sd3"  # SD3 medium, SD3.5 medium / large (sizes of one record)
 
 
 class LayerKind(str, enum.Enum):

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from ..core.archs import UNET_COMFY_PREFIX
 from ..core.formats import lora_to_state_dict
 from ..core.progress import ProgressFn
 from ..core.quant import FP8_MANTISSA_BITS
@@ -23,7 +24,7 @@ from .widgets import Coverage, apply_coverage
 Tensor = torch.Tensor
 log = logging.getLogger("rankwise")
 
-UNET_PREFIX = "diffusion_model."
+UNET_PREFIX = UNET_COMFY_PREFIX  # ComfyUI's model state-dict prefix, the same in every architecture record
 
 # ---------------------------------------------------------------------------------------------
 # Progress and devices

@@ -10,7 +10,7 @@ from ..core.io import load_lora, save_lora
 from ..core.types import Lora
 from . import comfy_glue as glue
 from .sockets import CATEGORY, LoraSocket
-from .widgets import (DEFAULT_PREFIX, SaveDtype, counter_file_name, dtype_from_name, prefix_with_suffix, relative_lora_name,
+from .widgets import (DEFAULT_PREFIX, SaveDtype, SaveNaming, counter_file_name, dtype_from_name, prefix_with_suffix, relative_lora_name,
                       sanitize_prefix, widget_problem)
 
 
@@ -83,6 +83,11 @@ class RankwiseSaveLoRA(io.ComfyNode):
                 io.String.Input("suffix", default="",
                                 tooltip="Optional text appended to the name; connect Extract LoRA's label to name "
                                         "sweep files rank16, sv_fro0.9, …"),
+                io.Combo.Input("key_names", options=SaveNaming, default=SaveNaming.AUTO, optional=True,
+                               tooltip="Module names in the file. auto: kohya (SD1/SD2/SDXL/Flux: ComfyUI, Forge, "
+                                       "A1111, diffusers) or diffusers (SD3: diffusers and ComfyUI). comfyui: "
+                                       "diffusion_model.… names. diffusers: transformer.…lora_A/B, q/k/v split "
+                                       "exactly (Flux, SD3)."),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name",
@@ -98,12 +103,14 @@ class RankwiseSaveLoRA(io.ComfyNode):
         return widget_problem(sanitize_prefix, filename_prefix) or True
 
     @classmethod
-    def execute(cls, lora: Lora, filename_prefix: str, dtype: str, suffix: str) -> io.NodeOutput:
+    def execute(cls, lora: Lora, filename_prefix: str, dtype: str, suffix: str,
+                key_names: str = SaveNaming.AUTO.value) -> io.NodeOutput:
         prefix = prefix_with_suffix(sanitize_prefix(filename_prefix), suffix)
         folder, stem, counter, subfolder = glue.lora_save_target(prefix)
         file_name = counter_file_name(stem, counter)
         os.makedirs(folder, exist_ok=True)  # a subfolder of the prefix; the guard itself creates no folders
-        result = save_lora(lora, os.path.join(folder, file_name), dtype=dtype_from_name(dtype))
+        result = save_lora(lora, os.path.join(folder, file_name), dtype=dtype_from_name(dtype),
+                           naming=SaveNaming(key_names).style)
         glue.forget_lora_list()
         name = relative_lora_name(subfolder, file_name)
         text = (f"saved {name} ({result.bytes / 2**20:.1f} MiB, {len(lora)} layers, "

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..core.archs import is_text_encoder
 from ..core.errors import RankwiseError, UnsafePathError
 from ..core.rank import RankPolicy, RankRule, parse_rules
 
@@ -69,6 +70,20 @@ class CleanMode(str, enum.Enum):
     REPORT = "report only"
     REPLACE_DIFFERING = "replace differing encoders with base"
     REPLACE_ALL = "replace all encoders with base"
+
+
+class SaveNaming(str, enum.Enum):
+    """Module names of a saved LoRA file (``formats.lora_items``); which ones an architecture allows
+    is in its record (``naming_styles``)."""
+
+    AUTO = "auto"  # the record's default: kohya (SD1/SD2/SDXL/Flux), diffusers (SD3)
+    KOHYA = "kohya"  # lora_unet_… + .alpha: ComfyUI, Forge, A1111, kohya, diffusers (SD1/SDXL/Flux)
+    COMFY = "comfyui"  # diffusion_model.… (ComfyUI's own extractor)
+    DIFFUSERS = "diffusers"  # transformer.…lora_A/B (SD3/Flux; diffusers and ComfyUI)
+
+    @property
+    def style(self) -> str:
+        return "comfy" if self is SaveNaming.COMFY else self.value
 
 
 class LoraModelKeys(str, enum.Enum):
@@ -314,7 +329,7 @@ def apply_coverage(
     patched: set,
     *,
     clip_connected: bool,
-    is_text_encoder=lambda name: name.startswith("lora_te"),
+    is_text_encoder=is_text_encoder,
 ) -> Coverage:
     """Coverage of an application: ``key_map`` maps module names to model keys (ComfyUI's
     ``model_lora_keys_*``), ``patched`` holds the keys ``add_patches`` reported."""

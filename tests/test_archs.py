@@ -22,8 +22,11 @@ from rankwise.core.archs import (
     text_encoder_prefixes,
     unet_prefix,
 )
+from rankwise.core.archs import Family, record
 from rankwise.core.errors import FormatError
 from rankwise.core.types import Arch, LayerKind
+
+UNET_ARCHS = [a for a in Arch if record(a).family is Family.UNET]
 
 SET_A = {LayerGroup.ATTENTION, LayerGroup.MLP, LayerGroup.PROJ}
 SET_B = {LayerGroup.RESNET, LayerGroup.SAMPLER}
@@ -161,11 +164,12 @@ def test_names_unique_and_lookups_round_trip(arch, size):
 def test_tiny_tables_keep_names_and_kinds():
     for arch in Arch:
         full, tiny = key_table(arch), key_table(arch, "tiny")
-        unet_full = full.select(components=[Component.UNET])
-        unet_tiny = tiny.select(components=[Component.UNET])
-        assert [(s.kohya, s.kind, s.group, s.block) for s in unet_full] == [
-            (s.kohya, s.kind, s.group, s.block) for s in unet_tiny
-        ]
+        unet_full = [(s.kohya, s.kind, s.group, s.block) for s in full.select(components=[Component.UNET])]
+        unet_tiny = [(s.kohya, s.kind, s.group, s.block) for s in tiny.select(components=[Component.UNET])]
+        if record(arch).family is Family.UNET:
+            assert unet_full == unet_tiny
+        else:  # DiT tiny tables are also shallower: their names are a subset with the same kinds
+            assert set(unet_tiny) <= set(unet_full), set(unet_tiny) - set(unet_full)
         assert sum(math.prod(s.shape) for s in tiny) < 8_000_000
     assert key_table(Arch.SDXL) is key_table(Arch.SDXL)  # cached
 
@@ -267,7 +271,7 @@ def test_detect_arch_ignores_extra_keys_and_tolerates_lists():
 
 def test_detect_arch_unknown_raises():
     with pytest.raises(FormatError, match="model.diffusion_model"):
-        detect_arch({"transformer_blocks.0.attn.to_q.weight": (3072, 3072)})
+        detect_arch({"blocks.0.attn.qkv.weight": (3072, 1024)})
     with pytest.raises(FormatError, match="could not detect"):
         detect_arch({})
     resnets_only = {
@@ -296,7 +300,7 @@ def test_arch_config_errors():
     with pytest.raises(ValueError, match="size"):
         key_table(Arch.SD1, "huge")
     with pytest.raises(ValueError, match="no config"):
-        arch_config("sd3")
+        arch_config("sd9")
 
 
 # --- independent check: diffusers / transformers modules on the meta device ----------------------
@@ -324,7 +328,7 @@ def _linear_conv_shapes(model, prefix: str) -> dict[str, tuple[int, ...]]:
 
 
 @needs_diffusers
-@pytest.mark.parametrize("arch", list(Arch))
+@pytest.mark.parametrize("arch", UNET_ARCHS)
 @pytest.mark.parametrize("size", ["full", "tiny"])
 def test_diffusers_column_matches_diffusers_modules(arch, size):
     config = arch_config(arch, size)

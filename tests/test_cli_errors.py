@@ -133,8 +133,11 @@ def test_merge_paths_with_colons_of_their_own(tmp_path):
 
 def test_clean_clip_unknown_encoder_names_the_valid_ones(capsys, files):
     out = files["root"] / "never.safetensors"
-    assert _error(capsys, ["clean-clip", files["base"], files["tuned"], "--replace", "te3", "-o", str(out)]) == (
-        "--replace: unknown text encoder 'te3'; use auto, none or a comma list of te1, te2")
+    assert _error(capsys, ["clean-clip", files["base"], files["tuned"], "--replace", "te9", "-o", str(out)]) == (
+        "--replace: unknown text encoder 'te9'; use auto, none or a comma list of te1, te2, te3")
+    # te3 exists since SD3 (three text encoders): named against the pair's architecture
+    assert _error(capsys, ["clean-clip", files["base"], files["tuned"], "--replace", "te3", "-o", str(out),
+                           "--no-progress"]) == "sd1 has no text encoder te3; it has te1"
     assert _error(capsys, ["clean-clip", files["base"], files["tuned"], "--replace", "te2", "-o", str(out),
                            "--no-progress"]) == "sd1 has no text encoder te2; it has te1"
     assert not out.exists()

@@ -56,7 +56,7 @@ def test_preflight_accepts_a_matching_pair(sd1_pair):
 
 def test_preflight_names_both_architectures(sd1_pair, sdxl_base):
     with open_source(sd1_pair[0]) as base:
-        with pytest.raises(MismatchError, match=r"base 'base.safetensors' is SD1, tuned 'sdxl.safetensors' is SDXL"):
+        with pytest.raises(MismatchError, match=r"base 'base.safetensors' is SD1 .*, tuned 'sdxl.safetensors' is SDXL "):
             preflight(base, sdxl_base)
 
 

@@ -93,12 +93,16 @@ def cmd_apply(args) -> dict:
     import comfy.utils
 
     t0 = time.perf_counter()
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.base, output_vae=False, output_clip=True)
+    if args.diffusion_model:  # a diffusion-model-only file, as ComfyUI's "Load Diffusion Model" reads it
+        model, clip = comfy.sd.load_diffusion_model(args.base), None
+    else:
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.base, output_vae=False, output_clip=True)
     lora_sd = comfy.utils.load_torch_file(args.lora, safe_load=True)
     modules = _lora_modules(lora_sd)
 
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     converted = comfy.lora_convert.convert_lora(lora_sd)
     mark = len(handler.messages)
     patches = comfy.lora.load_lora(converted, key_map)
@@ -106,21 +110,30 @@ def cmd_apply(args) -> dict:
 
     new_model = model.clone()
     unet_keys = new_model.add_patches(patches, args.strength)
-    new_clip = clip.clone()
-    clip_keys = new_clip.add_patches(patches, args.strength)
-    patched = set(unet_keys) | set(clip_keys)
-    unpatched_targets = sorted(set(patches) - patched)
+    new_clip = clip.clone() if clip is not None else None
+    clip_keys = new_clip.add_patches(patches, args.strength) if clip is not None else []
+    # a sliced patch (diffusers q/k/v onto a fused weight) is keyed (weight, offset): count weights
+    def _weight_name(k):
+        return k[0] if isinstance(k, tuple) else k
+
+    patched = {_weight_name(k) for k in list(unet_keys) + list(clip_keys)}
+    unpatched_targets = sorted({_weight_name(k) for k in patches} - patched)
 
     # tuned weights under ComfyUI's names, with ComfyUI's own prefix rules
     tuned_sd = comfy.utils.load_torch_file(args.tuned, safe_load=True)
     prefix = comfy.model_detection.unet_prefix_from_state_dict(tuned_sd)
+    if args.diffusion_model and not any(k.startswith(prefix) for k in tuned_sd):
+        prefix = ""  # a bare diffusion-model file, as load_diffusion_model reads it
     config = model.model.model_config
-    tuned_clip = config.process_clip_state_dict(
-        {k: v for k, v in tuned_sd.items() if not k.startswith(prefix)})
+    if clip is not None:
+        tuned_clip = config.process_clip_state_dict(
+            {k: v for k, v in tuned_sd.items() if not k.startswith(prefix)})
+    else:
+        tuned_clip = {}
     tuned_unet = {"diffusion_model." + k[len(prefix):]: v for k, v in tuned_sd.items() if k.startswith(prefix)}
 
     model_sd = model.model.state_dict()
-    clip_sd = clip.cond_stage_model.state_dict()
+    clip_sd = clip.cond_stage_model.state_dict() if clip is not None else {}
     present = set(modules)
     lora_of = {}
     for name, target in key_map.items():
@@ -149,6 +162,10 @@ def cmd_apply(args) -> dict:
                        "rel_error": err / dnorm if dnorm > 0 else (0.0 if err == 0 else math.inf)})
     return {
         "mode": "apply",
+        "model_class": type(model.model).__name__,
+        "config_class": type(model.model.model_config).__name__,
+        "unet_config": {k: v for k, v in model.model.model_config.unet_config.items()
+                        if isinstance(v, (int, float, str, bool, list))},
         "lora_tensors": len(lora_sd),
         "lora_modules": len(modules),
         "not_loaded": not_loaded,
@@ -243,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--lora", required=True)
     a.add_argument("--strength", type=float, default=1.0)
     a.add_argument("--max-layers", type=int, default=0, help="compare at most this many patched layers (0: all)")
+    a.add_argument("--diffusion-model", action="store_true", help="base/tuned are diffusion-model-only files")
     k = sub.add_parser("keymap")
     k.add_argument("--layout", required=True, help="JSON {checkpoint key: [shape, dtype]}")
     k.add_argument("--lora", required=True)
