@@ -233,7 +233,8 @@ def _save(lora: Lora, path: str, args: argparse.Namespace, plan: OutputPlan) -> 
     if plan.dry_run:
         print(f"dry run: would write the LoRA to {os.path.abspath(path)}")
         return
-    result = save_lora(lora, path, dtype=DTYPES[args.dtype], inputs=plan.inputs, overwrite=plan.overwrite)
+    result = save_lora(lora, path, dtype=DTYPES[args.dtype], inputs=plan.inputs, overwrite=plan.overwrite,
+                       naming=getattr(args, "key_names", "auto"))
     print(f"saved {result.path} ({result.bytes / 2**20:.1f} MiB, sha256 {result.sha256[:10]})")
 
 
@@ -277,6 +278,9 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing output")
     p.add_argument("--dry-run", action="store_true", help="print the report, write nothing")
     p.add_argument("--report-json", help="also write the per-layer report as JSON")
+    p.add_argument("--key-names", choices=("auto", "kohya", "comfy", "diffusers"), default="auto",
+                   help="key names in the saved file: auto = the architecture's default (kohya; diffusers for SD3); "
+                   "comfy = diffusion_model.…; diffusers = transformer.… lora_A/lora_B (Flux, SD3)")
     p.add_argument(
         "--threads", type=int, default=1,
         help="torch CPU threads per worker (default 1: multi-threaded BLAS on small layers collapses "

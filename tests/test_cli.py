@@ -134,3 +134,33 @@ def test_demo_never_replaces_a_users_file(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 2
     assert "base.safetensors already exists" in capsys.readouterr().err
     assert (tmp_path / "base.safetensors").read_bytes() == b"mine"
+
+
+def test_key_names_choice(tmp_path, capsys):
+    """--key-names writes the chosen codec where the architecture allows it, and refuses it (one line) elsewhere."""
+    from safetensors import safe_open
+
+    from rankwise.core.archs import key_table
+    from rankwise.core.io import save_lora
+    from rankwise.core.synthetic import random_lora
+
+    flux = tmp_path / "flux.safetensors"
+    save_lora(random_lora(key_table(Arch.FLUX, "tiny"), rank=4).replace(arch=Arch.FLUX), flux)
+    out = tmp_path / "flux_diffusers.safetensors"
+    assert main(["resize", str(flux), "-o", str(out), "--rank", "2", "--key-names", "diffusers", "--no-progress"]) == 0
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+    # the transformer in diffusers names; text encoders keep names their loaders read (T5: kohya)
+    assert any(k.startswith("transformer.") for k in keys)
+    assert all(k.startswith(("transformer.", "text_encoder.", "lora_te")) for k in keys)
+    back = load_lora(out)[0].ranks()
+    assert set(back) == set(load_lora(flux)[0].ranks()) and set(back.values()) == {2}
+
+    sd1 = tmp_path / "sd1.safetensors"
+    save_lora(random_lora(key_table(Arch.SD1, "tiny"), rank=4).replace(arch=Arch.SD1), sd1)
+    capsys.readouterr()
+    assert main(["resize", str(sd1), "-o", str(tmp_path / "x.safetensors"), "--rank", "2",
+                 "--key-names", "diffusers", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rankwise: error: ") and "\n" not in err and "diffusers" in err
+    assert not (tmp_path / "x.safetensors").exists()
