@@ -754,6 +754,12 @@ class BudgetSelector:
             return limit
         return max(1, cap)
 
+    def may_store_full(self, info) -> bool:
+        """Whether this selector may store the layer as an exact full difference (.diff): its
+        factors are then held in fp32 (:class:`~.pipeline.RankPhase`), the .diff formed from them."""
+        cap = min(self._cap(info.kind, info.is_text_encoder), max(1, int(info.limit)))
+        return bool(self.options.full_diff and diff_offered(info.shape, cap))
+
     def infos(self, layers: Sequence) -> list[LayerInfo]:
         out = []
         for d in layers:

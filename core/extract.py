@@ -31,7 +31,11 @@ Decisions (documented here once)
 * **Factor dtype**: the factors are stored in ``options.factor_dtype`` (default fp16), the dtype a
   LoRA is normally saved in. A rank-128 SDXL extraction holds ~510 M factor values: 1.0 GB in fp16,
   2.0 GB in fp32, so fp16 is what keeps the whole run under ~2 GB of anonymous memory. The report's
-  ``error`` is measured before that cast (fp32 math throughout). A layer whose factors overflow fp16
+  ``error`` is measured before that cast (fp32 math throughout). Under a size budget the layers wait
+  for the allocation with their singular vectors in that 16-bit dtype (:meth:`.pipeline.Decomposed.held`,
+  halving the ~1.9 GB fp32 an SDXL extraction at cap 128 would hold): the stored factors then differ
+  from the fp32 path by at most about one more rounding of the same size (``up`` rounded twice),
+  which the reported error leaves out like the save cast itself. A layer whose factors overflow fp16
   keeps fp32 factors and says so. Pass ``factor_dtype=torch.float32`` for exact factors.
 * **Device**: ``None`` means CUDA when available, else CPU, decided at call time.
 * **Threads**: ``None`` leaves torch's setting alone; ``threads=n`` sets torch and scipy's OpenBLAS
@@ -322,6 +326,7 @@ def _run(
                 layer = decompose_delta(item.delta, info, selectors, options, device, index)
                 layer.extra["base_fro2"] = item.base_norm ** 2  # for a size budget's relative weights
                 layer.extra["block"] = item.spec.block
+                layer.extra["dtype"] = options.factor_dtype  # held in it for a size budget
                 out = (True, layer)
             item.delta = None
             return out

@@ -269,7 +269,7 @@ def merge_layer_terms(
         d = decompose_dense(name, shape, total, selectors, dtype)
     else:
         d = decompose_lowrank(name, shape, up, down, selectors, dtype)
-    d.extra.update(input_rank=in_rank, dense=dense, job=job)
+    d.extra.update(input_rank=in_rank, dense=dense, job=job, dtype=dtype)  # dtype: RankPhase's hold dtype
     return d
 
 

@@ -29,7 +29,8 @@ builds one output per selector from the same triplets.
 * A **global** selector (``is_global = True``; e.g. a size budget over the whole file) needs every
   layer's spectrum before it can choose any rank. :class:`RankPhase` then keeps each layer's
   :class:`Decomposed`, truncated to the largest rank any selector may choose for it
-  (:meth:`RankSelector.needed`, fp32), until the last layer; then it calls
+  (:meth:`RankSelector.needed`; ``U`` and ``Vh`` in the layer's 16-bit output dtype ``extra["dtype"]``
+  when it has one, :meth:`Decomposed.held`), until the last layer; then it calls
   ``select(all_layers)`` once and builds every output. ``LayerInfo.rank_bytes`` gives the exact
   size of the stored layer at any rank (for byte budgets).
 
@@ -330,6 +331,54 @@ class Decomposed:
             d = replace(d, U=d.U[:, :k].clone(), S=d.S[:k].clone(), Vh=d.Vh[:k].clone(), energy_gap=gap)
         return replace(self, dec=d, source=None)
 
+    def held(self, k: int, dtype: torch.dtype = torch.float32) -> "Decomposed":
+        """:meth:`truncated` for holding until a global allocation: ``U`` and ``Vh`` stored in
+        ``dtype`` (the layer's 16-bit output dtype, :func:`hold_dtype`), ``S`` as it is.
+
+        Singular vectors have |values| ≤ 1 (orthonormal columns of ``U``, unit rows of ``Vh``), so a
+        16-bit cast cannot overflow; a factor whose cast is not finite or loses more than twice the
+        dtype's unit roundoff in relative Frobenius norm (many values flushed to subnormals or zero)
+        stays fp32. :meth:`restored` turns them back into fp32 before phase 2.
+        """
+        k = max(0, min(int(k), self.dec.rank))
+        d = self.dec
+        gap = None if d.energy_gap is None else (d.energy_gap[:k].clone() if k < d.rank else d.energy_gap)
+        U = _held_factor(d.U[:, :k], dtype, copy=k < d.rank)
+        Vh = _held_factor(d.Vh[:k], dtype, copy=k < d.rank)
+        S = d.S[:k].clone() if k < d.rank else d.S
+        return replace(self, dec=replace(d, U=U, S=S, Vh=Vh, energy_gap=gap), source=None)
+
+    def restored(self) -> "Decomposed":
+        """The layer with fp32 ``U`` and ``Vh`` again (a no-op when they are)."""
+        d = self.dec
+        if d.U.dtype == torch.float32 and d.Vh.dtype == torch.float32:
+            return self
+        return replace(self, dec=replace(d, U=d.U.float(), Vh=d.Vh.float()))
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the tensors this layer holds (the decomposition's factors and ``source``)."""
+        d = self.dec
+        parts = [d.U, d.S, d.Vh, d.energy_gap, self.source]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def hold_dtype(output_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a held layer's singular vectors are kept in until phase 2: its output dtype when
+    that is fp16 or bf16 (the factors are rounded to it anyway), fp32 otherwise or when unknown."""
+    return output_dtype if output_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _held_factor(x: Tensor, dtype: torch.dtype, *, copy: bool) -> Tensor:
+    if dtype != torch.float32 and x.dtype == torch.float32 and x.numel() > 0:
+        c = x.to(dtype, memory_format=torch.contiguous_format)
+        unit = torch.finfo(dtype).eps / 2
+        ref2 = float(x.double().pow(2).sum())
+        err2 = float((c.float() - x).double().pow(2).sum())
+        if math.isfinite(err2) and err2 <= (2 * unit) ** 2 * ref2:
+            return c
+    return x.clone() if copy else x
+
 
 @dataclass(frozen=True)
 class RankDecision:
@@ -452,7 +501,22 @@ class RankPhase:
         if not self.is_global:
             self.emit(layer, [s.select([layer])[0] for s in self.selectors])
             return
-        self._held.append((True, layer.truncated(triplets_needed(self.selectors, layer))))
+        # held compactly: U and Vh in the layer's 16-bit output dtype (``extra["dtype"]``), except
+        # where a selector may store the exact full difference (.diff), formed from all triplets
+        dtype = torch.float32 if self._may_store_full(layer.info) else hold_dtype(layer.extra.get("dtype"))
+        self._held.append((True, layer.held(triplets_needed(self.selectors, layer), dtype)))
+
+    def _may_store_full(self, info: LayerInfo) -> bool:
+        return any(bool(getattr(s, "may_store_full", _never)(info)) for s in self.selectors)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the factors held for the global selectors (0 when every selector is per-layer)."""
+        return sum(p.held_bytes for is_layer, p in self._held if is_layer)
+
+    @property
+    def held_layers(self) -> tuple[Decomposed, ...]:
+        return tuple(p for is_layer, p in self._held if is_layer)
 
     def skip(self, payload: object) -> None:
         if not self.is_global:
@@ -470,12 +534,19 @@ class RankPhase:
                 raise ValueError(f"a rank selector returned {len(c)} decisions for {len(layers)} layers")
         i = 0
         held, self._held = self._held, []
-        for is_layer, payload in held:
+        for j, (is_layer, payload) in enumerate(held):
+            held[j] = None  # type: ignore[call-overload]  (each layer's factors go once it is built)
             if is_layer:
-                self.emit(payload, [col[i] for col in columns])
+                layers[i] = None  # type: ignore[call-overload]
+                self.emit(payload.restored(), [col[i] for col in columns])
                 i += 1
             else:
                 self.on_skip(payload)
+            del payload
+
+
+def _never(info: LayerInfo) -> bool:
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,3 +231,93 @@ def test_resize_budget_counts_exact_parts(sdxl_pair, tmp_path):
     assert set(extra) <= set(out.layers)
     got = save_lora(out, tmp_path / "e.safetensors", dtype=torch.float16)
     assert 0.99 * target <= got.bytes <= target
+
+
+def _held_probe(monkeypatch):
+    """Records, at the allocation, what RankPhase holds: bytes and the (U, Vh) dtypes per layer."""
+    from rankwise.core import pipeline
+
+    seen: dict = {}
+    real = pipeline.RankPhase.finish
+
+    def finish(self):
+        held = self.held_layers
+        seen["bytes"] = self.held_bytes
+        seen["dtypes"] = {(d.dec.U.dtype, d.dec.Vh.dtype) for d in held}
+        seen["fp32_bytes"] = sum(d.dec.U.numel() * 4 + d.dec.Vh.numel() * 4 + d.dec.S.numel() * d.dec.S.element_size()
+                                 + (0 if d.dec.energy_gap is None else d.dec.energy_gap.numel() * d.dec.energy_gap.element_size())
+                                 for d in held)
+        seen["sources"] = sum(d.source is not None for d in held)
+        return real(self)
+
+    monkeypatch.setattr(pipeline.RankPhase, "finish", finish)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_budget_holds_singular_vectors_in_the_save_dtype(sdxl_pair, monkeypatch, dtype):
+    """Issue #11: a size budget holds every layer until the allocation; U and Vh wait in the 16-bit
+    factor dtype (half the fp32 bytes), and the result matches the fp32-held path: same ranks, ΔW
+    within the dtype's rounding."""
+    from rankwise.core import pipeline
+
+    base, tuned, _ = sdxl_pair
+    sel = lambda: BudgetSelector(RankPolicy(RankRule.parse("size:400KB"), max_rank=32), BudgetOptions(dtype=dtype))
+    opts = lambda s: ExtractOptions(policy=s.policy, include=PATTERN, text_encoders="all", factor_dtype=dtype)
+
+    seen = _held_probe(monkeypatch)
+    s16 = sel()
+    compact = extract_sweep_detailed(base, tuned, [s16], opts(s16))[0]
+    assert seen["dtypes"] == {(dtype, dtype)} and seen["sources"] == 0
+    # U and Vh at 2 bytes instead of 4; S (and FAST's energy gap) as they were
+    assert seen["bytes"] < 0.55 * seen["fp32_bytes"]
+
+    monkeypatch.setattr(pipeline, "hold_dtype", lambda _dtype: torch.float32)  # the fp32-held path
+    s32 = sel()
+    ref = extract_sweep_detailed(base, tuned, [s32], opts(s32))[0]
+    assert seen["dtypes"] == {(torch.float32, torch.float32)}
+
+    assert s16.last_plan.ranks() == s32.last_plan.ranks()
+    unit = torch.finfo(dtype).eps / 2
+    assert set(compact.lora.layers) == set(ref.lora.layers)
+    for name, layer in ref.lora.layers.items():
+        got = compact.lora.layers[name]
+        assert got.rank == layer.rank and got.up.dtype == dtype
+        a, b = got.delta().double(), layer.delta().double()
+        # one more rounding of U and of up (same size as the save cast) on top of the save cast
+        assert (a - b).norm() <= 4 * unit * b.norm(), name
+    # the report's errors come from the spectrum: unchanged
+    for x, y in zip(compact.report.layers, ref.report.layers):
+        assert (x.name, x.rank) == (y.name, y.rank)
+        assert x.error == pytest.approx(y.error, rel=1e-9, abs=1e-12)
+        assert x.optimal_error == pytest.approx(y.optimal_error, rel=1e-9, abs=1e-12)
+
+
+def test_budget_holds_fp32_for_fp32_output_and_full_diff_candidates(sdxl_pair, monkeypatch):
+    base, tuned, _ = sdxl_pair
+    seen = _held_probe(monkeypatch)
+    s = BudgetSelector(RankPolicy(RankRule.parse("size:400KB"), max_rank=32))
+    extract_sweep_detailed(base, tuned, [s], _opts(s.policy))  # factor_dtype fp32
+    assert seen["dtypes"] == {(torch.float32, torch.float32)}
+    assert seen["bytes"] == seen["fp32_bytes"]
+    # a layer that may become an exact .diff is formed from all its triplets: held in fp32
+    s = BudgetSelector(RankPolicy(RankRule.parse("size:100MB"), max_rank=64),
+                       BudgetOptions(full_diff=True, weighting=Weighting.ABSOLUTE))
+    p = ExtractOptions(policy=s.policy, include=PATTERN, text_encoders="all", factor_dtype=torch.float16)
+    res = extract_sweep_detailed(base, tuned, [s], p)[0]
+    assert (torch.float32, torch.float32) in seen["dtypes"]
+    for n, st in s.last_plan.storage().items():
+        if st is Storage.DIFF:
+            d = res.lora.layers[n].delta().double()
+            assert d.pow(2).sum().item() == pytest.approx(res.spectra[n].fro2, rel=1e-3)
+
+
+def test_held_factor_keeps_fp32_where_a_cast_loses_too_much():
+    from rankwise.core.pipeline import _held_factor
+
+    x = torch.linalg.qr(torch.randn(300, 8))[0]
+    assert _held_factor(x, torch.float16, copy=True).dtype == torch.float16
+    tiny = x * 1e-6  # mostly fp16 subnormals: far more than the unit roundoff is lost
+    assert _held_factor(tiny, torch.float16, copy=True).dtype == torch.float32
+    assert _held_factor(tiny, torch.bfloat16, copy=True).dtype == torch.bfloat16
+    assert _held_factor(x, torch.float32, copy=False) is x
