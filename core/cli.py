@@ -238,6 +238,16 @@ def _save(lora: Lora, path: str, args: argparse.Namespace, plan: OutputPlan) -> 
     print(f"saved {result.path} ({result.bytes / 2**20:.1f} MiB, sha256 {result.sha256[:10]})")
 
 
+def _check_key_names(args: argparse.Namespace, arch) -> None:
+    """``--key-names`` the architecture cannot be saved in: refused before the work, not after it."""
+    from .formats import naming_styles
+
+    chosen = getattr(args, "key_names", "auto")
+    if chosen not in ("auto", "kohya") and arch is not None and chosen not in naming_styles(arch):
+        raise RankwiseError(f"--key-names {chosen}: {arch.value} LoRAs are saved with "
+                            f"{' or '.join(naming_styles(arch))} names")
+
+
 def _save_picture(image, png: str, plan: OutputPlan) -> None:
     if plan.dry_run:
         print(f"dry run: would write the spectrum to {os.path.abspath(png)}")
@@ -410,6 +420,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     plan = _plan(args, outputs, inputs)
     lora, read = load_lora(args.input, skip_bad_modules=args.skip_bad_modules)
     _print_read_report(read)
+    _check_key_names(args, lora.arch)
     selectors = _selectors(policies, args, metadata=lora.metadata, arch=lora.arch)
     progress, close = _progress_bar(not args.no_progress, "resize")
     try:  # one pass for the whole sweep
@@ -468,6 +479,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         lora, read = load_lora(path, skip_bad_modules=args.skip_bad_modules)
         _print_read_report(read, prefix=f"{path}: ")
         merge_inputs.append(MergeInput(lora=lora, ratio=ratio, name=os.path.basename(path)))
+    _check_key_names(args, next((i.lora.arch for i in merge_inputs if i.lora.arch is not None), None))
     if policy is not None:  # a size budget becomes a budget selector at the save dtype
         arch = next((i.lora.arch for i in merge_inputs if i.lora.arch is not None), None)
         policy = _selectors([policy], args, arch=arch)[0]

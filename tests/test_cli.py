@@ -161,6 +161,8 @@ def test_key_names_choice(tmp_path, capsys):
     capsys.readouterr()
     assert main(["resize", str(sd1), "-o", str(tmp_path / "x.safetensors"), "--rank", "2",
                  "--key-names", "diffusers", "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("rankwise: error: ") and "\n" not in err and "diffusers" in err
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("rankwise: error: --key-names diffusers: ") and "\n" not in err
+    assert "layers written" not in captured.out  # refused before the work, not after it
     assert not (tmp_path / "x.safetensors").exists()
