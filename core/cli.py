@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
@@ -211,6 +211,12 @@ def _check_run_options(args: argparse.Namespace) -> None:
     _check_count(getattr(args, "workers", None), "--workers")
 
 
+def _outputs(runs: Iterable[tuple[str | None, str | None, str | None]]) -> list[tuple[str, OutputKind]]:
+    """The outputs of a run, in order: for each (LoRA, report JSON, picture) the paths that are given."""
+    kinds = (OutputKind.LORA, OutputKind.REPORT, OutputKind.IMAGE)
+    return [(path, kind) for run in runs for path, kind in zip(run, kinds) if path]
+
+
 def _plan(args: argparse.Namespace, outputs: Sequence[tuple[str, OutputKind]], inputs: Sequence[str]) -> OutputPlan:
     return plan_outputs(outputs, inputs=inputs, overwrite=bool(getattr(args, "overwrite", False)),
                         dry_run=bool(getattr(args, "dry_run", False)))
@@ -329,14 +335,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     pngs = [(args.spectrum if not sweep else f"{os.path.splitext(p)[0]}.png") if args.spectrum else None
             for p in paths]
     reports = [_report_path(args, p if sweep else None) for p in paths]
-    outputs: list[tuple[str, OutputKind]] = []
-    for path, report_json, png in zip(paths, reports, pngs):
-        if args.output:
-            outputs.append((path, OutputKind.LORA))
-        if report_json:
-            outputs.append((report_json, OutputKind.REPORT))
-        if png:
-            outputs.append((png, OutputKind.IMAGE))
+    outputs = _outputs((path if args.output else None, report_json, png)
+                       for path, report_json, png in zip(paths, reports, pngs))
     plan = _plan(args, outputs, inputs)  # every output checked before a tensor is read
     options = ExtractOptions(
         policy=policies[0],
@@ -411,12 +411,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     paths = _output_paths(args.output or "dry_run.safetensors", policies)
     sweep = len(paths) > 1
     reports = [_report_path(args, p if sweep else None) for p in paths]
-    outputs: list[tuple[str, OutputKind]] = []
-    for path, report_json in zip(paths, reports):
-        if args.output:
-            outputs.append((path, OutputKind.LORA))
-        if report_json:
-            outputs.append((report_json, OutputKind.REPORT))
+    outputs = _outputs((path if args.output else None, report_json, None) for path, report_json in zip(paths, reports))
     plan = _plan(args, outputs, inputs)
     lora, read = load_lora(args.input, skip_bad_modules=args.skip_bad_modules)
     _print_read_report(read)
@@ -468,12 +463,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise RankwiseError("-o/--output is required unless --dry-run")
     specs = [_parse_merge_input(s) for s in args.inputs]
     inputs = [_check_input_file(path) for path, _ in specs]
-    outputs: list[tuple[str, OutputKind]] = []
-    if args.output:
-        outputs.append((args.output, OutputKind.LORA))
-    if args.report_json:
-        outputs.append((args.report_json, OutputKind.REPORT))
-    plan = _plan(args, outputs, inputs)
+    plan = _plan(args, _outputs([(args.output, args.report_json, None)]), inputs)
     merge_inputs = []
     for path, ratio in specs:
         lora, read = load_lora(path, skip_bad_modules=args.skip_bad_modules)
@@ -513,12 +503,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .io import load_lora
 
     inputs = [_check_input_file(args.input)]
-    outputs: list[tuple[str, OutputKind]] = []
-    if args.report_json:
-        outputs.append((args.report_json, OutputKind.REPORT))
-    if args.spectrum:
-        outputs.append((args.spectrum, OutputKind.IMAGE))
-    plan = _plan(args, outputs, inputs)
+    plan = _plan(args, _outputs([(None, args.report_json, args.spectrum)]), inputs)
     lora, read = load_lora(args.input, skip_bad_modules=args.skip_bad_modules)
     _print_read_report(read)
     report, image = lora_info(lora, spectrum=bool(args.spectrum) and not plan.dry_run)
