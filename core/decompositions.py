@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from . import runtime
+from . import lapack, runtime
 
 Tensor = torch.Tensor
 
@@ -372,12 +372,18 @@ def cholesky_qr_kept(up: Tensor, down: Tensor, k: int) -> Triplets | None:
 
 
 def gram_numpy(W: Tensor, dtype) -> np.ndarray:
-    """G = W·Wᵀ with BLAS syrk (upper triangle filled, Fortran order), no copy of W in fp32."""
+    """G = W·Wᵀ with BLAS syrk (upper triangle filled, Fortran order), no copy of W in fp32.
+
+    Through :mod:`.lapack` (no GIL held, so the pipeline's workers overlap) where the library is
+    found, else through scipy."""
     from scipy.linalg import blas
 
     Wn = W.detach().numpy()
     if Wn.dtype != dtype:
         Wn = Wn.astype(dtype, order="K")
+    G = lapack.syrk_upper(Wn)
+    if G is not None:
+        return G
     syrk = blas.dsyrk if dtype == np.float64 else blas.ssyrk
     if Wn.flags.f_contiguous:
         return syrk(1.0, Wn, trans=0)
@@ -387,22 +393,14 @@ def gram_numpy(W: Tensor, dtype) -> np.ndarray:
 
 
 def gram_operator(W: Tensor) -> Callable[[Tensor], Tensor]:
-    """X ↦ (W·Wᵀ)·X with the Gram matrix formed once (syrk + symm on CPU, GEMM elsewhere)."""
+    """X ↦ (W·Wᵀ)·X with the Gram matrix formed once (syrk, then a torch GEMM: no GIL held)."""
     if W.device.type == "cpu" and runtime.scipy_linalg() is not None:
-        from scipy.linalg import blas
-
-        G = gram_numpy(W, np.float64 if W.dtype == torch.float64 else np.float32)
-        symm = blas.dsymm if G.dtype == np.float64 else blas.ssymm
-
-        def apply(X: Tensor) -> Tensor:
-            # X (s×b, C order) is Xᵀ in Fortran order; symm(side=1) gives Xᵀ·G = (G·X)ᵀ, which
-            # read back in C order is G·X. Only G's upper triangle is used.
-            Xt = np.ascontiguousarray(X.numpy()).T
-            return torch.from_numpy(np.ascontiguousarray(symm(1.0, G, Xt, side=1, lower=0).T))
-
-        return apply
-    G = W @ W.mT
-    G = 0.5 * (G + G.mT)
+        upper = torch.from_numpy(gram_numpy(W, np.float64 if W.dtype == torch.float64 else np.float32)).triu()
+        G = upper + upper.triu(1).mT
+        del upper
+    else:
+        G = W @ W.mT
+        G = 0.5 * (G + G.mT)
     return lambda X: G @ X
 
 
@@ -411,6 +409,9 @@ def top_eigvecs_numpy(G: np.ndarray, k: int, driver: str) -> np.ndarray:
     sl = runtime.scipy_linalg()
     s = G.shape[0]
     if driver == "evr":
+        got = lapack.syevr_upper(G, k) if G.flags.f_contiguous else None
+        if got is not None:
+            return got[1][:, ::-1].copy()
         _, v = sl.eigh(
             G, lower=False, subset_by_index=[s - k, s - 1], driver="evr", overwrite_a=True, check_finite=False
         )
@@ -420,9 +421,14 @@ def top_eigvecs_numpy(G: np.ndarray, k: int, driver: str) -> np.ndarray:
     return v[:, ::-1].copy()  # (ascontiguousarray keeps a negative stride for one column)
 
 
-def eigvalsh_numpy(G: np.ndarray) -> np.ndarray:
+def eigvalsh_numpy(G: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """All eigenvalues (ascending) of the upper-triangle symmetric G (G is kept unless ``overwrite``)."""
     sl = runtime.scipy_linalg()
-    return sl.eigh(G, lower=False, eigvals_only=True, overwrite_a=False, check_finite=False)
+    work = G if overwrite and G.flags.f_contiguous else np.array(G, order="F", copy=True)
+    got = lapack.syevr_upper(work, None, vectors=False)
+    if got is not None:
+        return got[0]
+    return sl.eigh(G, lower=False, eigvals_only=True, overwrite_a=overwrite, check_finite=False)
 
 
 def gram_singular_values(W: Tensor) -> Tensor:
@@ -430,6 +436,6 @@ def gram_singular_values(W: Tensor) -> Tensor:
     Gram matrix (no vectors; accurate to about 1e-8·σ₁): what a rank rule needs to decide when the
     leading values alone cannot."""
     if W.device.type == "cpu" and runtime.scipy_linalg() is not None:
-        return sqrt_desc(eigvalsh_numpy(gram_numpy(W, np.float64)))
+        return sqrt_desc(eigvalsh_numpy(gram_numpy(W, np.float64), overwrite=True))
     Wd = W.double()
     return sqrt_desc(torch.linalg.eigvalsh(Wd @ Wd.mT).cpu().numpy())
