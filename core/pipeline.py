@@ -47,6 +47,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import queue
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -360,7 +361,7 @@ class Decomposed:
         """Bytes of the tensors this layer holds (the decomposition's factors and ``source``)."""
         d = self.dec
         parts = [d.U, d.S, d.Vh, d.energy_gap, self.source]
-        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None and t.device.type != "meta")
 
 
 def hold_dtype(output_dtype: torch.dtype | None) -> torch.dtype:
@@ -479,6 +480,68 @@ def all_certain(selectors: Sequence[RankSelector], layer: Decomposed) -> bool:
 Emit = Callable[[Decomposed, Sequence[RankDecision]], None]
 
 
+class SpillFile:
+    """Held singular vectors parked on disk until the global allocation, in one anonymous temporary
+    file (``tempfile.TemporaryFile``: on Linux it has no name, so nothing is left behind by a
+    cancel, a crash or SIGKILL). ``park`` writes a tensor's bytes and returns a *meta* tensor of the
+    same shape and dtype (no memory; touching its data fails loudly); ``fetch`` reads it back.
+
+    A write that fails (no space in the temp folder, …) disables spilling: the tensor stays in
+    memory, and ``failed`` says why.
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        self._dir = directory
+        self._file = None
+        self._where: dict[int, tuple[int, torch.Size, torch.dtype]] = {}
+        self._next = 0
+        self.failed: str | None = None
+        self.parked_bytes = 0
+        self._keep: list[Tensor] = []  # the placeholders handed out (their ids key ``_where``)
+
+    def park(self, t: Tensor) -> Tensor:
+        if self.failed is not None or t.numel() == 0 or t.device.type != "cpu":
+            return t
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="rankwise-held-", dir=self._dir)
+            self._file.seek(self._next)
+            self._file.write(memoryview(flat))
+        except OSError as exc:
+            self.failed = f"{type(exc).__name__}: {exc}"
+            return t
+        placeholder = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        self._where[id(placeholder)] = (self._next, t.shape, t.dtype)
+        self._next += flat.nbytes
+        self.parked_bytes += flat.nbytes
+        self._keep.append(placeholder)
+        return placeholder
+
+    def fetch(self, t: Tensor) -> Tensor:
+        if t.device.type != "meta":
+            return t
+        offset, shape, dtype = self._where.pop(id(t))
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        buf = bytearray(nbytes)
+        self._file.seek(offset)
+        view = memoryview(buf)
+        got = 0
+        while got < nbytes:
+            n = self._file.readinto(view[got:])
+            if not n:
+                raise OSError(f"the spill file ended {nbytes - got} bytes early")
+            got += n
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._where.clear()
+        self._keep.clear()
+
+
 class RankPhase:
     """Phase 2 driver. ``add(layer)`` hands in a decomposed layer, ``skip(payload)`` a layer that
     was not decomposed (in order), ``finish()`` ends the pass.
@@ -486,9 +549,14 @@ class RankPhase:
     ``emit(layer, decisions)`` (one decision per selector) and ``on_skip(payload)`` are called in
     the layers' order: right away when every selector is per-layer, after the last layer otherwise
     (the held layers truncated to :func:`triplets_needed`).
+
+    ``spill``: park the held layers' singular vectors in a :class:`SpillFile` (the default for a
+    global selector: SDXL's held payload is ~1 GB; only S and the spectra stay in memory, which is
+    all a selector reads), or keep them in memory (``False``).
     """
 
-    def __init__(self, selectors: Sequence[RankSelector], emit: Emit, on_skip: Callable[[object], None]) -> None:
+    def __init__(self, selectors: Sequence[RankSelector], emit: Emit, on_skip: Callable[[object], None],
+                 spill: bool | SpillFile = True) -> None:
         if not selectors:
             raise ValueError("a rank phase needs at least one selector")
         self.selectors = tuple(selectors)
@@ -496,6 +564,9 @@ class RankPhase:
         self.on_skip = on_skip
         self.is_global = any(s.is_global for s in self.selectors)
         self._held: list[tuple[bool, object]] = []
+        self.spill: SpillFile | None = None
+        if self.is_global and spill is not False:
+            self.spill = spill if isinstance(spill, SpillFile) else SpillFile()
 
     def add(self, layer: Decomposed) -> None:
         if not self.is_global:
@@ -504,7 +575,22 @@ class RankPhase:
         # held compactly: U and Vh in the layer's 16-bit output dtype (``extra["dtype"]``), except
         # where a selector may store the exact full difference (.diff), formed from all triplets
         dtype = torch.float32 if self._may_store_full(layer.info) else hold_dtype(layer.extra.get("dtype"))
-        self._held.append((True, layer.held(triplets_needed(self.selectors, layer), dtype)))
+        held = layer.held(triplets_needed(self.selectors, layer), dtype)
+        if self.spill is not None:
+            d = held.dec
+            held = replace(held, dec=replace(d, U=self.spill.park(d.U), Vh=self.spill.park(d.Vh)))
+        self._held.append((True, held))
+
+    def _fetched(self, layer: Decomposed) -> Decomposed:
+        if self.spill is None:
+            return layer
+        d = layer.dec
+        return replace(layer, dec=replace(d, U=self.spill.fetch(d.U), Vh=self.spill.fetch(d.Vh)))
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes of singular vectors parked on disk (0 without a spill file)."""
+        return 0 if self.spill is None else self.spill.parked_bytes
 
     def _may_store_full(self, info: LayerInfo) -> bool:
         return any(bool(getattr(s, "may_store_full", _never)(info)) for s in self.selectors)
@@ -534,15 +620,19 @@ class RankPhase:
                 raise ValueError(f"a rank selector returned {len(c)} decisions for {len(layers)} layers")
         i = 0
         held, self._held = self._held, []
-        for j, (is_layer, payload) in enumerate(held):
-            held[j] = None  # type: ignore[call-overload]  (each layer's factors go once it is built)
-            if is_layer:
-                layers[i] = None  # type: ignore[call-overload]
-                self.emit(payload.restored(), [col[i] for col in columns])
-                i += 1
-            else:
-                self.on_skip(payload)
-            del payload
+        try:
+            for j, (is_layer, payload) in enumerate(held):
+                held[j] = None  # type: ignore[call-overload]  (each layer's factors go once it is built)
+                if is_layer:
+                    layers[i] = None  # type: ignore[call-overload]
+                    self.emit(self._fetched(payload).restored(), [col[i] for col in columns])
+                    i += 1
+                else:
+                    self.on_skip(payload)
+                del payload
+        finally:
+            if self.spill is not None:
+                self.spill.close()
 
 
 def _never(info: LayerInfo) -> bool:

@@ -242,7 +242,9 @@ def _held_probe(monkeypatch):
 
     def finish(self):
         held = self.held_layers
-        seen["bytes"] = self.held_bytes
+        seen["bytes"] = self.held_bytes + self.spilled_bytes  # in memory or parked on disk
+        seen["memory_bytes"] = self.held_bytes
+        seen["spilled_bytes"] = self.spilled_bytes
         seen["dtypes"] = {(d.dec.U.dtype, d.dec.Vh.dtype) for d in held}
         seen["fp32_bytes"] = sum(d.dec.U.numel() * 4 + d.dec.Vh.numel() * 4 + d.dec.S.numel() * d.dec.S.element_size()
                                  + (0 if d.dec.energy_gap is None else d.dec.energy_gap.numel() * d.dec.energy_gap.element_size())
@@ -321,3 +323,49 @@ def test_held_factor_keeps_fp32_where_a_cast_loses_too_much():
     assert _held_factor(tiny, torch.float16, copy=True).dtype == torch.float32
     assert _held_factor(tiny, torch.bfloat16, copy=True).dtype == torch.bfloat16
     assert _held_factor(x, torch.float32, copy=False) is x
+
+
+def test_held_vectors_are_parked_on_disk_and_come_back_bit_identical(sdxl_pair, monkeypatch):
+    """Issue #11 (≤ 2 GB for SDXL): a global selector parks the held U/Vh in an anonymous temp file;
+    only S and the spectra stay in memory, and the result is bit-identical to holding in memory."""
+    from rankwise.core import pipeline
+
+    base, tuned, _ = sdxl_pair
+    sel = lambda: BudgetSelector(RankPolicy(RankRule.parse("size:400KB"), max_rank=32), BudgetOptions(dtype=torch.float16))
+    opts = lambda s: ExtractOptions(policy=s.policy, include=PATTERN, text_encoders="all", factor_dtype=torch.float16)
+    seen = _held_probe(monkeypatch)
+    s1 = sel()
+    parked = extract_sweep_detailed(base, tuned, [s1], opts(s1))[0]
+    assert seen["spilled_bytes"] > 0
+    assert seen["memory_bytes"] < 0.2 * seen["bytes"]  # S (+ gaps) only
+
+    real_init = pipeline.RankPhase.__init__
+    monkeypatch.setattr(pipeline.RankPhase, "__init__",
+                        lambda self, *a, **k: real_init(self, *a, **{**k, "spill": False}))
+    s2 = sel()
+    kept = extract_sweep_detailed(base, tuned, [s2], opts(s2))[0]
+    assert seen["spilled_bytes"] == 0
+    assert set(parked.lora.layers) == set(kept.lora.layers)
+    for name, layer in kept.lora.layers.items():
+        got = parked.lora.layers[name]
+        assert torch.equal(got.up, layer.up) and torch.equal(got.down, layer.down), name
+
+
+def test_spill_file_round_trip_and_failure_keeps_tensors_in_memory(tmp_path):
+    from rankwise.core.pipeline import SpillFile
+
+    spill = SpillFile(str(tmp_path))
+    tensors = [torch.randn(5, 3), torch.randn(7).to(torch.bfloat16), torch.randn(2, 4).half(), torch.empty(0, 3)]
+    parked = [spill.park(t) for t in tensors]
+    assert [p.device.type for p in parked] == ["meta", "meta", "meta", "cpu"]
+    if os.name == "posix":
+        assert list(tmp_path.iterdir()) == []  # the file has no name (or is unlinked at once)
+    for t, p in zip(reversed(tensors), reversed(parked)):
+        back = spill.fetch(p)
+        assert back.dtype == t.dtype and torch.equal(back, t)
+    spill.close()
+
+    broken = SpillFile(str(tmp_path / "missing-folder"))
+    t = torch.randn(3, 3)
+    assert broken.park(t) is t and broken.failed is not None
+    assert broken.fetch(t) is t
