@@ -80,7 +80,8 @@ def run(base, tuned, selectors, options, counter: Counter, label: str):
     wall, cpu = time.perf_counter() - w, cpu_s() - c
     anon = (mem.peak["RssAnon"] - mem.start.get("RssAnon", 0)) / 2**30
     print(f"{label}: {wall:.1f} s wall, {cpu:.1f} CPU-s, {counter.n} decompositions, {len(results[0].lora)} layers, "
-          f"peak anonymous memory +{anon:.2f} GiB over the start")
+          f"peak anonymous memory +{anon:.2f} GiB over the start ({mem.peak['RssAnon'] / 1e9:.2f} GB in all, "
+          f"the process's imports and the references' results included)")
     return results, wall, cpu, counter.n
 
 
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny SDXL key table (seconds)")
     ap.add_argument("--skip-reference", action="store_true", help="no fixed/sv_fro reference sweep")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2, help="layers decomposed at once (default 2, the CLI's default)")
     ap.add_argument("--json", help="write the figures as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,7 +123,8 @@ def main() -> None:
     out_dir = os.path.join(args.workdir, f"budget-out-{size}")
     os.makedirs(out_dir, exist_ok=True)
     counter = Counter()
-    opts = lambda p: ExtractOptions(policy=p, preset=LayerPreset.ALL, text_encoders=TextEncoderMode.ALL)
+    opts = lambda p: ExtractOptions(policy=p, preset=LayerPreset.ALL, text_encoders=TextEncoderMode.ALL,
+                                     workers=args.workers)
 
     if args.quick:
         probe = RankPolicy(RankRule.parse("1"))

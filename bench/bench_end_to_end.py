@@ -22,7 +22,7 @@ The pair is the real-size random-weight SDXL pair of the integration tests
 (``tests/integration/synthetic_pair.py``, 2 × 6.9 GB, cached in ``~/.cache/rankwise-tests``).
 Run it under ``flock /tmp/heavy.lock`` on a shared machine; it takes minutes.
 
-    python bench/bench_end_to_end.py [--workers 2] [--threads 1] [--prefetch 2] [--keep-cache]
+    python bench/bench_end_to_end.py [--workers 2 (the CLI default)] [--threads 1] [--prefetch 2] [--keep-cache]
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--threads", type=int, default=1, help="torch/BLAS threads per worker (default 1)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="layers decomposed at once (ExtractOptions.workers; default: the library default)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="layers decomposed at once (ExtractOptions.workers; default 2, the CLI's default)")
     p.add_argument("--prefetch", type=int, default=None, help="layers read ahead (default: the library default)")
     p.add_argument("--keep-cache", action="store_true", help="do not drop the pair's cached pages first")
     p.add_argument("--out-dir", default=None, help="where the LoRA is written (default: a temp dir)")
