@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..core.archs import LayerPreset, detect_lora_arch
 from ..core.blocks import parse_block_weights
+from ..core.budget import Weighting
 from ..core.errors import RankwiseError
 from ..core.extract import ExtractOptions, ExtractResult, TextEncoderMode, extract_sweep_detailed
 from ..core.merge import MergeInput, MergeMode, merge_sweep
@@ -17,8 +18,8 @@ from ..core.types import Lora
 from . import comfy_glue as glue
 from .pair import ModelPair
 from .sockets import CATEGORY, LoraSocket, PairSocket
-from .widgets import (merge_ratios, parse_filters, parse_policies, pil_to_image, placeholder_image, sweep_labels,
-                      widget_problem)
+from .widgets import (merge_ratios, parse_filters, parse_policies, pil_to_image, placeholder_image, rank_selectors,
+                      sweep_labels, widget_problem)
 
 RULES_TOOLTIP = (
     "Rank rule(s). A number is a fixed rank (\"32\"); a comma list makes a sweep with one output per rule "
@@ -29,6 +30,18 @@ MAX_RANK_TOOLTIP = "Upper limit for dynamic rules (ignored by fixed ranks). 0 = 
 CONV_RANK_TOOLTIP = "Rank (or limit, for dynamic rules) of 3×3 conv layers. 0 = same as the linear layers."
 TE_RANK_TOOLTIP = "Rank (or limit, for dynamic rules) of text-encoder layers. 0 = same as the UNet layers."
 MIN_RANK_TOOLTIP = "Lower limit for dynamic rules."
+BUDGET_WEIGHTING_TOOLTIP = (
+    "Only used by size:/params: rules (ignored by every other rule). How a budget weighs the layers when it "
+    "decides where the bytes go: it keeps the singular values with the most weighted ‖ΔW‖² per byte. "
+    "relative (default): a layer's kept ‖ΔW‖² is divided by ‖W_base‖², so layers compete by relative change "
+    "and big layers do not win by size alone. absolute: kept ‖ΔW‖² as is (big layers count more)."
+)
+FULL_DIFF_TOOLTIP = (
+    "Only used by size:/params: rules (ignored by every other rule). On: a layer whose rank cap reaches half "
+    "of min(out, in) (where LoRA factors cost as much as the full matrix) may be stored as the exact full "
+    "difference (.diff, which ComfyUI, Forge and LyCORIS load), counted in the budget at its real size and "
+    "chosen only where it is the best use of the bytes. Off (default): LoRA factors only."
+)
 
 
 def _validate_rules(rules: str | None) -> bool | str:
@@ -79,6 +92,9 @@ class RankwiseExtractLoRA(io.ComfyNode):
                                        "0.99). 0 = off, the exact optimum."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of the randomized parts (fast method, clamp sampling); same seed, same file."),
+                io.Combo.Input("budget_weighting", options=Weighting, default=Weighting.RELATIVE, optional=True,
+                               tooltip=BUDGET_WEIGHTING_TOOLTIP),
+                io.Boolean.Input("full_diff", default=False, optional=True, tooltip=FULL_DIFF_TOOLTIP),
             ],
             outputs=[
                 LoraSocket.Output(display_name="lora", is_output_list=True,
@@ -98,8 +114,10 @@ class RankwiseExtractLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, pair: ModelPair, rules: str, max_rank: int, conv_rank: int, te_rank: int, min_rank: int,
-                layers: str, text_encoders: str, method: str, clamp_quantile: float, seed: int) -> io.NodeOutput:
+                layers: str, text_encoders: str, method: str, clamp_quantile: float, seed: int,
+                budget_weighting: str = Weighting.RELATIVE.value, full_diff: bool = False) -> io.NodeOutput:
         policies = parse_policies(rules, max_rank=max_rank, conv_rank=conv_rank, te_rank=te_rank, min_rank=min_rank)
+        selectors = rank_selectors(policies, weighting=budget_weighting, full_diff=full_diff)
         labels = sweep_labels(policies)
         options = ExtractOptions(
             policy=policies[0],
@@ -112,7 +130,7 @@ class RankwiseExtractLoRA(io.ComfyNode):
             seed=int(seed),
             exact_parts=getattr(pair, "exact_parts", False),
         )
-        results = extract_sweep_detailed(pair.base, pair.tuned, policies, options, progress=glue.progress_bar())
+        results = extract_sweep_detailed(pair.base, pair.tuned, selectors, options, progress=glue.progress_bar())
         loras = [r.lora for r in results]
         reports = [r.report.to_table() for r in results]
         images = [_spectrum_image(r, label) for r, label in zip(results, labels)]
@@ -140,6 +158,8 @@ class RankwiseResizeLoRA(io.ComfyNode):
                 io.Int.Input("min_rank", default=1, min=1, max=4096, tooltip=MIN_RANK_TOOLTIP),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Multiply the LoRA's effect by this, folded into the weights (not 0)."),
+                io.Boolean.Input("full_diff", default=False, optional=True, tooltip=FULL_DIFF_TOOLTIP
+                                 + " (A LoRA has no base model, so a budget here weighs layers by absolute ‖ΔW‖².)"),
             ],
             outputs=[
                 LoraSocket.Output(display_name="lora", is_output_list=True, tooltip="One resized LoRA per rule."),
@@ -156,11 +176,13 @@ class RankwiseResizeLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora: Lora, rules: str, max_rank: int, conv_rank: int, te_rank: int, min_rank: int,
-                strength: float) -> io.NodeOutput:
+                strength: float, full_diff: bool = False) -> io.NodeOutput:
         policies = parse_policies(rules, max_rank=max_rank, conv_rank=conv_rank, te_rank=te_rank, min_rank=min_rank)
         labels = sweep_labels(policies)
+        # no base model: a budget's weights are absolute (core falls back to them; the CLI's flag is moot here)
+        selectors = rank_selectors(policies, weighting=Weighting.ABSOLUTE, full_diff=full_diff)
         # one pass: every layer is re-factorised once and each rule picks its rank from that spectrum
-        results = resize_sweep(lora, policies, strength=float(strength), progress=glue.progress_bar())
+        results = resize_sweep(lora, selectors, strength=float(strength), progress=glue.progress_bar())
         loras = [out for out, _ in results]
         reports = [rep.to_table() for _, rep in results]
         summaries = [f"[{label}]\n{rep.summary()}" for label, (_, rep) in zip(labels, results)]
@@ -205,6 +227,9 @@ class RankwiseMergeLoRAs(io.ComfyNode):
                                 tooltip="Optional layer filters on kohya names, comma separated: a pattern keeps "
                                         "matching layers, !pattern drops them (\"lora_unet_*, !*ff_net*\"). "
                                         "Plain words match anywhere. Empty = all layers."),
+                io.Boolean.Input("full_diff", default=False, optional=True,
+                                 tooltip="svd mode only (unused by concat). " + FULL_DIFF_TOOLTIP
+                                 + " (LoRAs have no base model, so a budget here weighs layers by absolute ‖ΔW‖².)"),
             ],
             outputs=[
                 LoraSocket.Output(display_name="lora", is_output_list=True,
@@ -231,7 +256,8 @@ class RankwiseMergeLoRAs(io.ComfyNode):
     @classmethod
     def execute(cls, lora_1: Lora, ratio_1: float, lora_2: Lora, ratio_2: float, mode: str, rules: str,
                 conv_rank: int, block_weights: str, filters: str, lora_3: Lora | None = None,
-                ratio_3: float = 1.0, lora_4: Lora | None = None, ratio_4: float = 1.0) -> io.NodeOutput:
+                ratio_3: float = 1.0, lora_4: Lora | None = None, ratio_4: float = 1.0,
+                full_diff: bool = False) -> io.NodeOutput:
         slots = merge_ratios([(lora_1, ratio_1), (lora_2, ratio_2), (lora_3, ratio_3), (lora_4, ratio_4)])
         weights = None
         if str(block_weights).strip():
@@ -247,7 +273,8 @@ class RankwiseMergeLoRAs(io.ComfyNode):
         policies = parse_policies(rules, conv_rank=conv_rank) if merge_mode is MergeMode.SVD else []
         labels = sweep_labels(policies) if policies else ["concat"]
         include, exclude = parse_filters(filters)
-        results = merge_sweep(inputs, policies, mode=merge_mode, progress=glue.progress_bar(),
+        selectors = rank_selectors(policies, weighting=Weighting.ABSOLUTE, full_diff=full_diff)  # no base model
+        results = merge_sweep(inputs, selectors, mode=merge_mode, progress=glue.progress_bar(),
                               layer_filter=LayerFilter(include, exclude))
         summary = "\n\n".join(f"[{label}]\n{rep.summary()}" for label, (_, rep) in zip(labels, results))
         return io.NodeOutput([out for out, _ in results], [rep.to_table() for _, rep in results], labels,

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..core.archs import is_text_encoder
+from ..core.budget import BudgetOptions, Weighting, budget_selectors
 from ..core.errors import RankwiseError, UnsafePathError
 from ..core.rank import RankPolicy, RankRule, parse_rules
 
@@ -158,6 +159,31 @@ def single_policy(rules: str, **limits: int) -> RankPolicy:
             f"Resize LoRA, Merge LoRAs in svd mode)"
         )
     return policies[0]
+
+
+def budget_weighting(value: str | Weighting) -> Weighting:
+    """The ``budget_weighting`` combo → :class:`core.budget.Weighting` (``"relative"`` / ``"absolute"``)."""
+    try:
+        return Weighting(str(getattr(value, "value", value)).strip().lower())
+    except ValueError:
+        choices = ", ".join(x.value for x in Weighting)
+        raise RankwiseError(f"budget_weighting {value!r} is not one of: {choices}") from None
+
+
+def rank_selectors(
+    policies: Sequence[RankPolicy],
+    *,
+    weighting: str | Weighting = Weighting.RELATIVE,
+    full_diff: bool = False,
+) -> list:
+    """Policies + the budget widgets → what core's sweeps take (as the CLI's ``--budget-weighting`` /
+    ``--full-diff``): a ``size:``/``params:`` rule becomes a :class:`core.budget.BudgetSelector`
+    with these options, every other rule stays a :class:`RankPolicy` (the widgets do nothing to it).
+    The save dtype is not known in a graph (Save LoRA picks it), so the budget is sized for any
+    16-bit dtype, as before. ``relative`` needs a base model: with none (resize, merge) core weighs
+    every layer 1, i.e. ``absolute``."""
+    options = BudgetOptions(weighting=budget_weighting(weighting), full_diff=bool(full_diff))
+    return budget_selectors(list(policies), options)
 
 
 def widget_problem(parse, *args, **kwargs) -> str | None:
@@ -491,6 +517,7 @@ __all__ = [
     "Coverage",
     "GridLayout",
     "apply_coverage",
+    "budget_weighting",
     "counter_file_name",
     "dtype_from_name",
     "expand_labels",
@@ -504,6 +531,7 @@ __all__ = [
     "pil_to_image",
     "placeholder_image",
     "prefix_with_suffix",
+    "rank_selectors",
     "relative_lora_name",
     "render_grid",
     "rule_label",
