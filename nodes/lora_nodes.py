@@ -24,7 +24,8 @@ from .widgets import (merge_ratios, parse_filters, parse_policies, pil_to_image,
 RULES_TOOLTIP = (
     "Rank rule(s). A number is a fixed rank (\"32\"); a comma list makes a sweep with one output per rule "
     "(\"8,16,32,64\"). Dynamic rules pick a rank per layer: sv_fro:0.9 (keep 90% of the Frobenius norm), "
-    "sv_ratio:20 (σ > σ1/20), sv_cumulative:0.9, threshold:0.01."
+    "sv_ratio:20 (σ > σ1/20), sv_cumulative:0.9, threshold:0.01, sv_knee. A budget over the whole file picks every "
+    "layer's rank at once: size:160MB (MB = 10^6 B), size:0.25 (of the rank-128 size), params:20M."
 )
 MAX_RANK_TOOLTIP = "Upper limit for dynamic rules (ignored by fixed ranks). 0 = no limit."
 CONV_RANK_TOOLTIP = "Rank (or limit, for dynamic rules) of 3×3 conv layers. 0 = same as the linear layers."
