@@ -6,9 +6,11 @@ truth for the pack's schema), given as a saved JSON file or fetched from a URL:
     python tools/build_example_workflows.py --object-info object_info.json
     python tools/build_example_workflows.py --url http://127.0.0.1:8188
 
-Each workflow needs only ``rankwise_base.safetensors`` and ``rankwise_tuned.safetensors`` in
-models/checkpoints; every LoRA it uses is made earlier in the same graph. Widget values are the
-ones a user would run (512×512, 20 steps); the integration tests override them for speed.
+Each SD workflow needs only ``rankwise_base.safetensors`` and ``rankwise_tuned.safetensors`` in
+models/checkpoints; the Flux one the files ComfyUI's own Flux templates name (flux1-dev in
+models/diffusion_models beside a fine-tune, clip_l / t5xxl, ae). Every LoRA a workflow uses is made
+earlier in the same graph. Widget values are the ones a user would run (512×512 or Flux's 1024×1024,
+20 steps); the integration tests override them for speed.
 """
 
 from __future__ import annotations
@@ -384,7 +386,52 @@ def graph_merge_clean_clip() -> Spec:
     return Spec("graph_merge_clean_clip", "Merge in the graph, clean CLIP, extract", nodes)
 
 
-SPECS = (extract_resize_preview, difference_merge, rank_sweep_grid, graph_merge_clean_clip)
+FLUX_BASE = "flux1-dev.safetensors"  # the names ComfyUI's own Flux templates use (models/diffusion_models, …)
+FLUX_TUNED = "flux1-dev-finetune.safetensors"
+FLUX_CLIP_L, FLUX_T5, FLUX_VAE = "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"
+FLUX_PROMPT = "a photograph of a red fox sitting in a snowy pine forest, detailed fur, soft morning light"
+
+
+def flux_extract_preview() -> Spec:
+    nodes = [
+        Node(1, "RankwiseLoadDiffusionModelPair", 0, {"base_model_name": FLUX_BASE, "tuned_model_name": FLUX_TUNED,
+                                                      "load_base_for_sampling": True, "weight_dtype": "default",
+                                                      "exact_parts": False}),
+        Node(2, "RankwiseExtractLoRA", 1, {"rules": "32", "layers": "all", "text_encoders": "auto",
+                                           "method": "exact", "seed": 0}, {"pair": (1, 1)},
+             title="Extract LoRA (rank 32)"),
+        Node(3, "RankwiseSaveLoRA", 1, {"filename_prefix": "rankwise/flux_extracted", "dtype": "bf16",
+                                        "suffix": "_r32", "key_names": "auto"}, {"lora": (2, 0)}),
+        Node(4, "RankwiseApplyLoRA", 2, {"strength_model": 1.0, "strength_clip": 1.0},
+             {"model": (1, 0), "lora": (2, 0)}),
+        Node(5, "DualCLIPLoader", 2, {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux"}),
+        Node(6, "VAELoader", 2, {"vae_name": FLUX_VAE}),
+        Node(7, "EmptySD3LatentImage", 2, {"width": 1024, "height": 1024, "batch_size": 1}),
+        Node(8, "CLIPTextEncode", 3, {"text": FLUX_PROMPT}, {"clip": (5, 0)}, title="Prompt", height=150),
+        Node(9, "FluxGuidance", 3, {"guidance": 3.5}, {"conditioning": (8, 0)}),
+        Node(10, "ConditioningZeroOut", 3, {}, {"conditioning": (8, 0)}, title="Negative (zero: Flux has none)"),
+        Node(11, "KSampler", 4, {"seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler",
+                                 "scheduler": "simple", "denoise": 1.0},
+             {"model": (4, 0), "positive": (9, 0), "negative": (10, 0), "latent_image": (7, 0)}),
+        Node(12, "VAEDecode", 4, {}, {"samples": (11, 0), "vae": (6, 0)}, width=220),
+        Node(13, "SaveImage", 5, {"filename_prefix": "rankwise/flux_preview"}, {"images": (12, 0)},
+             width=400, height=400),
+        Node(20, "MarkdownNote", 0, text=(
+            "### Flux.1: a LoRA from a fine-tune\n"
+            "Put flux1-dev and the fine-tune (diffusion-model-only files) in `models/diffusion_models`; "
+            "Load Diffusion Model Pair streams them one tensor at a time.\n\n"
+            "Extract LoRA keeps rank 32 of tuned − base; Save LoRA writes kohya names (ComfyUI, Forge, "
+            "diffusers) to `models/loras/rankwise/`.\n\n"
+            "The preview applies the LoRA to flux1-dev and samples with ComfyUI's Flux nodes "
+            "(clip_l + t5xxl, ae VAE, guidance 3.5, cfg 1)."), width=COL_W, height=230),
+    ]
+    return Spec("flux_extract_preview", "Flux.1: extract from two diffusion models, save, preview", nodes, [
+        ("Extract a LoRA", [2, 3], "#3f789e"),
+        ("flux1-dev + LoRA", [8, 9, 10], "#8A8"),
+    ])
+
+
+SPECS = (extract_resize_preview, difference_merge, rank_sweep_grid, graph_merge_clean_clip, flux_extract_preview)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--object-info", type=Path, help="a saved GET /object_info response")
     src.add_argument("--url", help="a running ComfyUI, e.g. http://127.0.0.1:8188")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
+    ap.add_argument("--only", action="append", default=[], help="write only these workflow names")
     args = ap.parse_args(argv)
     if args.url:
         with urllib.request.urlopen(args.url.rstrip("/") + "/object_info", timeout=60) as r:
@@ -402,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for make in SPECS:
         spec = make()
+        if args.only and spec.name not in args.only:
+            continue
         workflow = build(spec, object_info)
         path = args.out / f"{spec.name}.json"
         path.write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n")

@@ -1,7 +1,7 @@
 """Render example_workflows/<name>.jpg: each workflow's graph drawn by ComfyUI's own web page.
 
 Starts a throw-away ComfyUI (``--cpu``, 127.0.0.1 only) whose ``custom_nodes`` links to this repo
-and whose models/checkpoints holds empty files with the names the workflows use, opens the page
+and whose models folders hold empty files with the names the workflows use, opens the page
 in headless Chromium through Playwright's CDP client (no browser download: Debian's
 ``/usr/bin/chromium``), loads each workflow with ``app.loadGraphData``, fits the view to the
 nodes and screenshots the canvas. It also checks that the frontend reads every node's widget
@@ -52,6 +52,12 @@ SETTINGS = {  # user settings for a clean picture (stored in the throw-away user
     "LiteGraph.Canvas.MinFontSizeForLOD": 1,  # draw titles and widgets even when zoomed out
     "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1,
 }
+MODEL_FILES = {  # the model names the workflows use, by models/ folder
+    "checkpoints": ("rankwise_base.safetensors", "rankwise_tuned.safetensors"),
+    "diffusion_models": ("flux1-dev.safetensors", "flux1-dev-finetune.safetensors"),
+    "text_encoders": ("clip_l.safetensors", "t5xxl_fp16.safetensors"),
+    "vae": ("ae.safetensors",),
+}
 HIDE_CSS = ".comfy-menu, .graph-canvas-menu, .p-toast, .comfy-modal { display: none !important; }"
 
 
@@ -64,10 +70,10 @@ def free_port() -> int:
 def start_comfyui(comfyui: Path, python: Path, base: Path, port: int, log_path: Path) -> subprocess.Popen:
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / "rankwise-thumbnails").symlink_to(REPO, target_is_directory=True)
-    ckpts = base / "models" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    for name in ("rankwise_base.safetensors", "rankwise_tuned.safetensors"):
-        (ckpts / name).write_bytes(b"")  # listed by name only; never loaded
+    for folder, names in MODEL_FILES.items():
+        (base / "models" / folder).mkdir(parents=True)
+        for name in names:
+            (base / "models" / folder / name).write_bytes(b"")  # listed by name only; never loaded
     cmd = [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
            "--database-url", "sqlite:///:memory:", "--log-stdout"]
