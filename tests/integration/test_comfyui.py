@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_harness import HERE, NODE_IDS, PACK_FOLDER, REPO, ComfyServer
+from comfy_harness import HERE, NODE_IDS, PACK_FOLDER, REPO, TIMINGS, ComfyServer
 from workflow_api import set_inputs, ui_to_api
 
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
@@ -26,8 +26,23 @@ UI_ONLY_WIDGET_TYPES = ("control_after_generate",)
 SPEED = {
     "KSampler": {"steps": 1, "seed": 1},
     "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+    "EmptySD3LatentImage": {"width": 64, "height": 64, "batch_size": 1},
     "RankwiseExtractLoRA": {"layers": "attention", "method": "fast"},
 }
+SD_CHECKPOINTS = {"rankwise_base.safetensors", "rankwise_tuned.safetensors"}
+
+# The Flux.1 template names the files users have; the test places a reduced real-width Flux pair
+# (1 double + 1 single block, which ComfyUI detects as Flux) under those names in models/diffusion_models.
+FLUX_WORKFLOW = "flux_extract_preview"
+FLUX_BASE, FLUX_TUNED = "flux1-dev.safetensors", "flux1-dev-finetune.safetensors"
+# What the Flux template's preview needs and a test cannot have: T5-XXL (4.7 B parameters, ~19 GB in
+# fp32 on CPU), CLIP-L and the ae VAE. These node types are removed from its API prompt by
+# prune_flux_sampling (each must be in the template, none may feed a node that stays), and a
+# PreviewAny on Apply LoRA's coverage keeps Apply LoRA in the run: extract → save → apply runs for real.
+FLUX_SAMPLING_NODES = frozenset({"DualCLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance",
+                                 "ConditioningZeroOut", "EmptySD3LatentImage", "KSampler", "VAEDecode",
+                                 "SaveImage"})
+FLUX_COVERAGE_PROBE = "flux_coverage_probe"
 APPLIED = re.compile(r"applied (\d+) of (\d+) modules")
 # RANKWISE_FULL_WORKFLOWS=1 runs the example workflows at their own settings (all layers, exact
 # SVD, 512², 20 steps): tens of minutes on CPU, so not part of the default test run.
@@ -58,6 +73,44 @@ def speed_up(prompt: dict) -> dict:
         elif node["class_type"] == "RankwiseResizeLoRA" and len(parts) == 1 and parts[0].isdigit():
             node["inputs"]["rules"] = "8"
     return prompt
+
+
+def prune_flux_sampling(prompt: dict) -> dict:
+    """The Flux template's API prompt without its sampling nodes (:data:`FLUX_SAMPLING_NODES`), and a
+    PreviewAny (:data:`FLUX_COVERAGE_PROBE`) on Apply LoRA's coverage output so that Apply LoRA still runs."""
+    present = {node["class_type"] for node in prompt.values()}
+    assert FLUX_SAMPLING_NODES <= present, f"the Flux template lacks {sorted(FLUX_SAMPLING_NODES - present)}"
+    pruned = {nid for nid, node in prompt.items() if node["class_type"] in FLUX_SAMPLING_NODES}
+    kept = {nid: node for nid, node in prompt.items() if nid not in pruned}
+    for nid, node in kept.items():
+        for name, value in node["inputs"].items():
+            assert not (isinstance(value, list) and value and value[0] in pruned), \
+                f"node {nid} {node['class_type']}.{name} is fed by pruned node {value[0]}"
+    [apply] = [nid for nid, node in kept.items() if node["class_type"] == "RankwiseApplyLoRA"]
+    kept[FLUX_COVERAGE_PROBE] = {"class_type": "PreviewAny", "inputs": {"source": [apply, 2]}}
+    return kept
+
+
+def _place_flux_pair(server: ComfyServer) -> list[Path]:
+    """Write the reduced real-width Flux pair (fp16, diffusion-model-only, planted rank-8 ΔW; ~2 × 1 GB,
+    ~20 s) into the server's models/diffusion_models under the template's names."""
+    import torch
+
+    from rankwise.core.archs import diffusion_layout, record
+    from rankwise.core.synthetic import PlantedDelta, reduced_depth, write_checkpoint_pair
+    from rankwise.core.types import Arch
+
+    folder = server.base_dir / "models" / "diffusion_models"
+    base, tuned = folder / FLUX_BASE, folder / FLUX_TUNED
+    pre = record(Arch.FLUX).diffusion_prefixes.checkpoint
+    extras = {pre + k: (s, "float16") for k, s in diffusion_layout(Arch.FLUX, "full").items()
+              if not (k.endswith(".weight") and len(s) >= 2)}
+    wall0 = time.perf_counter()
+    write_checkpoint_pair(base, tuned, Arch.FLUX, size="full", delta=PlantedDelta(rank=8, scale=0.2), seed=3,
+                          dtype=torch.float16, extra_layout=extras, keep=reduced_depth(Arch.FLUX, double=1, single=1),
+                          layouts=("bare", "bare"), return_deltas=False)
+    TIMINGS.append(("reduced Flux pair written", time.perf_counter() - wall0, 0.0))
+    return [base, tuned]
 
 
 def _texts(entry: dict, node_id: str) -> list[str]:
@@ -96,14 +149,22 @@ def _tracebacks(log: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def workflow_results(comfy_server):
-    """Runs each example workflow at most once per session: path → (prompt, history entry | error)."""
+    """Runs each example workflow at most once per session: path → (prompt, history entry | error).
+
+    The Flux template runs on the reduced Flux pair (written on first use, removed at the end) and
+    without its sampling nodes (:func:`prune_flux_sampling`)."""
     cache: dict[Path, tuple[dict, dict | BaseException]] = {}
+    flux_files: list[Path] = []
 
     def run(path: Path) -> tuple[dict, dict]:
         if path not in cache:
             prompt = ui_to_api(json.loads(path.read_text()), comfy_server.object_info)
             if not FULL_WORKFLOWS:
                 prompt = speed_up(prompt)
+            if path.stem == FLUX_WORKFLOW:
+                prompt = prune_flux_sampling(prompt)
+                if not flux_files:
+                    flux_files.extend(_place_flux_pair(comfy_server))
             label = f"{path.name} ({'own settings' if FULL_WORKFLOWS else 'reduced settings'})"
             try:
                 cache[path] = (prompt, comfy_server.run_prompt(prompt, timeout=WORKFLOW_TIMEOUT_S, label=label))
@@ -114,7 +175,9 @@ def workflow_results(comfy_server):
             raise result
         return prompt, result
 
-    return run
+    yield run
+    for f in flux_files:  # 2 × 1 GB: not left in pytest's kept temp folders
+        f.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,10 +232,15 @@ def test_example_workflow_runs(comfy_server, workflow_results, path):
     workflow = json.loads(path.read_text())
     names = {n["widgets_values"][0] for n in workflow["nodes"]
              if n["type"] == "CheckpointLoaderSimple"}
+    diffusion_names: set[str] = set()
     for n in workflow["nodes"]:
         if n["type"] == "RankwiseLoadModelPair":
             names |= set(n["widgets_values"][:2])
-    assert names <= {"rankwise_base.safetensors", "rankwise_tuned.safetensors"}, names
+        if n["type"] in ("RankwiseLoadDiffusionModelPair", "UNETLoader"):
+            diffusion_names |= set(n["widgets_values"][:1 if n["type"] == "UNETLoader" else 2])
+    assert names <= SD_CHECKPOINTS, names
+    assert diffusion_names <= {FLUX_BASE, FLUX_TUNED}, diffusion_names  # what the test places
+    assert bool(diffusion_names) == (path.stem == FLUX_WORKFLOW), (path.stem, diffusion_names)
 
     prompt, entry = workflow_results(path)
     assert entry["status"]["status_str"] == "success"
@@ -202,7 +270,31 @@ def test_example_workflow_runs(comfy_server, workflow_results, path):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stem", ["extract_resize_preview", "rank_sweep_grid"])
+def test_flux_workflow_saves_a_kohya_flux_lora(comfy_server, workflow_results):
+    """The Flux template on the reduced Flux pair: ComfyUI loads flux1-dev for sampling, the pair is
+    Flux (not generic), and Save LoRA writes kohya Flux names for both block kinds."""
+    from safetensors import safe_open
+
+    prompt, entry = workflow_results(REPO / "example_workflows" / f"{FLUX_WORKFLOW}.json")
+    assert not FLUX_SAMPLING_NODES & {node["class_type"] for node in prompt.values()}
+    [pair_node] = [nid for nid, node in prompt.items() if node["class_type"] == "RankwiseLoadDiffusionModelPair"]
+    assert prompt[pair_node]["inputs"]["load_base_for_sampling"] is True
+    report = "\n".join(_texts(entry, pair_node))
+    assert report.startswith("pair OK: FLUX"), report
+    [saved] = _saved_loras(comfy_server, entry, prompt)
+    with safe_open(str(saved), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("lora_unet_") for k in keys), [k for k in keys if not k.startswith("lora_unet_")][:10]
+    assert any(k.startswith("lora_unet_double_blocks_0_") for k in keys)
+    assert any(k.startswith("lora_unet_single_blocks_0_") for k in keys)
+    n_layers = sum(k.endswith(".lora_down.weight") for k in keys)
+    assert sum(k.endswith(".alpha") for k in keys) == n_layers > 0
+    coverage = "\n".join(_texts(entry, next(n for n, v in prompt.items() if v["class_type"] == "RankwiseApplyLoRA")))
+    print(f"\nFlux template (sampling pruned): {report.splitlines()[0]}; saved {saved.name} with {n_layers} "
+          f"layers; Apply LoRA: {coverage.splitlines()[0] if coverage else '(no coverage text)'}")
+
+
+@pytest.mark.parametrize("stem", ["extract_resize_preview", "rank_sweep_grid", FLUX_WORKFLOW])
 def test_apply_lora_reports_every_module_applied(workflow_results, stem):
     path = REPO / "example_workflows" / f"{stem}.json"
     if not path.exists():
