@@ -265,11 +265,6 @@ def test_example_workflow_runs(comfy_server, workflow_results, path):
         assert len({f.name for f in saved}) == len(saved)
 
 
-# ---------------------------------------------------------------------------------------------
-# (5) Apply LoRA reaches every module
-# ---------------------------------------------------------------------------------------------
-
-
 def test_flux_workflow_saves_a_kohya_flux_lora(comfy_server, workflow_results):
     """The Flux template on the reduced Flux pair: ComfyUI loads flux1-dev for sampling, the pair is
     Flux (not generic), and Save LoRA writes kohya Flux names for both block kinds."""
@@ -284,7 +279,7 @@ def test_flux_workflow_saves_a_kohya_flux_lora(comfy_server, workflow_results):
     [saved] = _saved_loras(comfy_server, entry, prompt)
     with safe_open(str(saved), "pt") as f:
         keys = list(f.keys())
-    assert keys and all(k.startswith("lora_unet_") for k in keys), [k for k in keys if not k.startswith("lora_unet_")][:10]
+    assert keys and all(k.startswith("lora_unet_") for k in keys), [k for k in keys if "lora_unet_" not in k][:10]
     assert any(k.startswith("lora_unet_double_blocks_0_") for k in keys)
     assert any(k.startswith("lora_unet_single_blocks_0_") for k in keys)
     n_layers = sum(k.endswith(".lora_down.weight") for k in keys)
@@ -292,6 +287,11 @@ def test_flux_workflow_saves_a_kohya_flux_lora(comfy_server, workflow_results):
     coverage = "\n".join(_texts(entry, next(n for n, v in prompt.items() if v["class_type"] == "RankwiseApplyLoRA")))
     print(f"\nFlux template (sampling pruned): {report.splitlines()[0]}; saved {saved.name} with {n_layers} "
           f"layers; Apply LoRA: {coverage.splitlines()[0] if coverage else '(no coverage text)'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) Apply LoRA reaches every module
+# ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("stem", ["extract_resize_preview", "rank_sweep_grid", FLUX_WORKFLOW])
