@@ -105,7 +105,8 @@ def test_example_files_are_well_formed_ui_workflows(path):
 
 def test_there_are_example_workflows():
     names = {p.stem for p in sorted((REPO / "example_workflows").glob("*.json"))}
-    assert {"extract_resize_preview", "difference_merge", "rank_sweep_grid", "graph_merge_clean_clip"} <= names
+    assert {"extract_resize_preview", "difference_merge", "rank_sweep_grid", "graph_merge_clean_clip",
+            "flux_extract_preview"} <= names
     for p in sorted((REPO / "example_workflows").glob("*.json")):
         thumb = p.with_suffix(".jpg")
         assert thumb.is_file(), f"{p.name} has no thumbnail {thumb.name}"
