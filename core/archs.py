@@ -186,9 +186,22 @@ class UNetConfig:
         return depths[level]
 
 
+class FluxModulation(str, enum.Enum):
+    """Where a Flux-style DiT's adaLN modulations come from."""
+
+    # Flux.1: time_in / vector_in (/ guidance_in) embed a vector; each block's img_mod.lin / txt_mod.lin /
+    # modulation.lin and the final layer's adaLN_modulation.1 turn it into that block's modulation
+    PER_BLOCK = "per_block"
+    # Chroma (ComfyUI ``comfy/ldm/chroma``): one distilled_guidance_layer (in_proj, layers.N.in_layer /
+    # out_layer, norms.N.scale, out_proj) computes every block's modulation; the blocks have no
+    # modulation linears, the final layer none, and there is no time_in / vector_in / guidance_in
+    APPROXIMATOR = "approximator"
+
+
 @dataclass(frozen=True)
 class FluxConfig:
-    """Flux.1's double/single-stream DiT (ComfyUI ``comfy/ldm/flux/model.py``)."""
+    """Flux.1's double/single-stream DiT (ComfyUI ``comfy/ldm/flux/model.py``), or Chroma's pruned
+    variant of it (``modulation = approximator``, ComfyUI ``comfy/ldm/chroma/model.py``)."""
 
     hidden: int
     heads: int
@@ -201,6 +214,19 @@ class FluxConfig:
     mlp_ratio: int = 4
     guidance: bool = True  # dev: guidance_in; schnell has none
     time_dim: int = 256
+    modulation: FluxModulation = FluxModulation.PER_BLOCK
+    # Chroma's distilled_guidance_layer (ComfyUI fixes 64 → 5120 × 5 layers → hidden)
+    approximator_in: int = 64
+    approximator_hidden: int = 5120
+    approximator_layers: int = 5
+
+    def __post_init__(self) -> None:
+        if self.modulation is FluxModulation.APPROXIMATOR and self.guidance:
+            raise ValueError("a distilled_guidance_layer model has no guidance_in: set guidance to false")
+
+    @property
+    def per_block_modulation(self) -> bool:
+        return self.modulation is FluxModulation.PER_BLOCK
 
     @property
     def head_dim(self) -> int:
@@ -307,6 +333,9 @@ class ArchRecord:
     detect_markers: tuple[str, ...]  # diffusion-model keys (no prefix) that identify the family
     detect_rule: str
     source: str  # the record's file name
+    # diffusion-model key heads (no prefix) a file of this architecture never has (Flux:
+    # "distilled_guidance_layer." is Chroma's): a file with one is never detected as this record
+    detect_exclude: tuple[str, ...] = ()
 
     @property
     def sizes(self) -> tuple[str, ...]:
@@ -356,6 +385,7 @@ def _diffusion_config(family: Family, raw: Mapping) -> DiffusionConfig:
         raw["naming"] = UNetNaming(raw.get("naming", "diffusers"))
         return UNetConfig(**raw)
     if family is Family.FLUX:
+        raw["modulation"] = FluxModulation(raw.get("modulation", "per_block"))
         return FluxConfig(**raw)
     raw["attn2_layers"] = tuple(raw.get("attn2_layers", ()))
     return MMDiTConfig(**raw)
@@ -407,6 +437,7 @@ def _parse_record(raw: Mapping, source: str) -> ArchRecord:
             detect_markers=tuple(detect.get("markers", ())),
             detect_rule=str(detect.get("rule", "")),
             source=source,
+            detect_exclude=tuple(str(x) for x in detect.get("exclude", ())),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"architecture record core/data/archs/{source} is invalid: {e}") from e
@@ -918,23 +949,39 @@ def _mlp_embedder(module: str, diff: str, h: int, n_in: int, block: str, names=(
     yield _DiTLayer(f"{module}.{names[1]}", (h, h), g, block, _whole(f"{diff}.{diff_names[1]}", h))
 
 
+def _approximator(cfg: FluxConfig, block: str) -> Iterator[_DiTLayer]:
+    """Chroma's ``distilled_guidance_layer`` (ComfyUI ``Approximator``; diffusers ``ChromaApproximator``,
+    whose residual MLPs name their linears ``linear_1`` / ``linear_2``)."""
+    g, n, a = LayerGroup.EMBEDDING, cfg.approximator_hidden, "distilled_guidance_layer"
+    yield _DiTLayer(f"{a}.in_proj", (n, cfg.approximator_in), g, block, _whole(f"{a}.in_proj", n))
+    for i in range(cfg.approximator_layers):
+        yield from _mlp_embedder(f"{a}.layers.{i}", f"{a}.layers.{i}", n, n, block)
+    yield _DiTLayer(f"{a}.out_proj", (cfg.hidden, n), g, block, _whole(f"{a}.out_proj", cfg.hidden))
+
+
 def _flux_layers(cfg: FluxConfig) -> Iterator[_DiTLayer]:
-    """Flux.1's Linear weights in ``comfy/ldm/flux/model.py`` order, with ``flux_to_diffusers`` names."""
+    """Flux.1's Linear weights in ``comfy/ldm/flux/model.py`` order, with ``flux_to_diffusers`` names
+    (Chroma: ``comfy/ldm/chroma/model.py`` order, no modulation linears, the approximator instead)."""
     h, mlp = cfg.hidden, cfg.mlp_ratio * cfg.hidden
     A, M, MOD = LayerGroup.ATTENTION, LayerGroup.MLP, LayerGroup.MODULATION
     first = FIRST_UNET_BLOCK
+    per_block = cfg.per_block_modulation
     yield _DiTLayer("img_in", (h, cfg.in_channels), LayerGroup.EMBEDDING, first, _whole("x_embedder", h))
-    yield from _mlp_embedder("time_in", "time_text_embed.timestep_embedder", h, cfg.time_dim, first)
-    yield from _mlp_embedder("vector_in", "time_text_embed.text_embedder", h, cfg.vec_in, first)
-    if cfg.guidance:
-        yield from _mlp_embedder("guidance_in", "time_text_embed.guidance_embedder", h, cfg.time_dim, first)
+    if per_block:
+        yield from _mlp_embedder("time_in", "time_text_embed.timestep_embedder", h, cfg.time_dim, first)
+        yield from _mlp_embedder("vector_in", "time_text_embed.text_embedder", h, cfg.vec_in, first)
+        if cfg.guidance:
+            yield from _mlp_embedder("guidance_in", "time_text_embed.guidance_embedder", h, cfg.time_dim, first)
     yield _DiTLayer("txt_in", (h, cfg.context_in), LayerGroup.EMBEDDING, first, _whole("context_embedder", h))
+    if not per_block:
+        yield from _approximator(cfg, first)
     for i in range(cfg.double_blocks):
         s, d, block = f"double_blocks.{i}", f"transformer_blocks.{i}", f"D{i:02d}"
         for side, q, proj, mod, ff in (("img", ("to_q", "to_k", "to_v"), "to_out.0", "norm1", "ff"),
                                        ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out",
                                         "norm1_context", "ff_context")):
-            yield _DiTLayer(f"{s}.{side}_mod.lin", (6 * h, h), MOD, block, _whole(f"{d}.{mod}.linear", 6 * h))
+            if per_block:
+                yield _DiTLayer(f"{s}.{side}_mod.lin", (6 * h, h), MOD, block, _whole(f"{d}.{mod}.linear", 6 * h))
             yield _DiTLayer(f"{s}.{side}_attn.qkv", (3 * h, h), A, block,
                             _cut([f"{d}.attn.{n}" for n in q], (h, h, h)))
             yield _DiTLayer(f"{s}.{side}_attn.proj", (h, h), A, block, _whole(f"{d}.attn.{proj}", h))
@@ -945,16 +992,23 @@ def _flux_layers(cfg: FluxConfig) -> Iterator[_DiTLayer]:
         yield _DiTLayer(f"{s}.linear1", (3 * h + mlp, h), A, block,
                         _cut([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"], (h, h, h, mlp)))
         yield _DiTLayer(f"{s}.linear2", (h, h + mlp), A, block, _whole(f"{d}.proj_out", h))
-        yield _DiTLayer(f"{s}.modulation.lin", (3 * h, h), MOD, block, _whole(f"{d}.norm.linear", 3 * h))
+        if per_block:
+            yield _DiTLayer(f"{s}.modulation.lin", (3 * h, h), MOD, block, _whole(f"{d}.norm.linear", 3 * h))
     yield _DiTLayer("final_layer.linear", (cfg.out_channels, h), LayerGroup.IO, "OUT00",
                     _whole("proj_out", cfg.out_channels))
-    # IO, not MODULATION: the attn_mlp preset is exactly kohya's block targets (double/single or
-    # joint blocks), which every loader takes (diffusers' kohya Flux converter drops the final layer)
-    yield _DiTLayer("final_layer.adaLN_modulation.1", (2 * h, h), LayerGroup.IO, "OUT00", _swapped("norm_out.linear", h))
+    if per_block:
+        # IO, not MODULATION: the attn_mlp preset is exactly kohya's block targets (double/single or
+        # joint blocks), which every loader takes (diffusers' kohya Flux converter drops the final layer)
+        yield _DiTLayer("final_layer.adaLN_modulation.1", (2 * h, h), LayerGroup.IO, "OUT00",
+                        _swapped("norm_out.linear", h))
 
 
 def _flux_extras(cfg: FluxConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Non-table parameters (besides biases) of a Flux diffusion model: the q/k RMSNorm scales."""
+    """Non-table parameters (besides biases) of a Flux diffusion model: the q/k RMSNorm scales (and
+    Chroma's approximator RMSNorm scales, which ComfyUI detects Chroma by)."""
+    if not cfg.per_block_modulation:
+        for i in range(cfg.approximator_layers):
+            yield f"distilled_guidance_layer.norms.{i}.scale", (cfg.approximator_hidden,)
     for i in range(cfg.double_blocks):
         for side in ("img", "txt"):
             for n in ("query_norm", "key_norm"):
@@ -1139,12 +1193,18 @@ def diffusers_unet_config(arch: Arch, size: str = "full") -> dict:
 
 
 def diffusers_transformer_config(arch: Arch, size: str = "full") -> dict:
-    """Keyword arguments for diffusers' ``FluxTransformer2DModel`` / ``SD3Transformer2DModel`` with
-    the same Linear/Conv weights as the table (pure data; used by tests)."""
+    """Keyword arguments for diffusers' ``FluxTransformer2DModel`` / ``ChromaTransformer2DModel`` /
+    ``SD3Transformer2DModel`` with the same Linear/Conv weights as the table (pure data; used by tests)."""
     cfg = arch_config(arch, size).unet
     if isinstance(cfg, FluxConfig):
         head = cfg.head_dim
         rope = (head // 8 * 2, head // 8 * 3, head - head // 8 * 5)
+        if not cfg.per_block_modulation:  # diffusers' ChromaTransformer2DModel
+            return dict(patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                        num_layers=cfg.double_blocks, num_single_layers=cfg.single_blocks, attention_head_dim=head,
+                        num_attention_heads=cfg.heads, joint_attention_dim=cfg.context_in, axes_dims_rope=rope,
+                        approximator_num_channels=cfg.approximator_in, approximator_hidden_dim=cfg.approximator_hidden,
+                        approximator_layers=cfg.approximator_layers)
         return dict(patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
                     num_layers=cfg.double_blocks, num_single_layers=cfg.single_blocks, attention_head_dim=head,
                     num_attention_heads=cfg.heads, joint_attention_dim=cfg.context_in,
@@ -1269,10 +1329,21 @@ class Detection:
         return f"{record(self.arch).label}, {self.layout.describe()}"
 
 
+def _excluded(rec: ArchRecord, keys: Iterable[str]) -> bool:
+    """Whether a file holds a diffusion-model key the record's ``detect.exclude`` says it never has."""
+    if not rec.detect_exclude:
+        return False
+    p = rec.diffusion_prefixes
+    heads = tuple(dict.fromkeys((p.checkpoint, p.comfy, p.diffusers, "")))
+    return any(key.startswith(h) and key[len(h):].startswith(rec.detect_exclude) for key in keys for h in heads)
+
+
 def _scores(shapes: Mapping[str, Sequence[int]]) -> list[tuple[tuple[int, float], Arch, str, FileLayout, int, int]]:
     out = []
     norm = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
     for rec in records():
+        if _excluded(rec, norm):
+            continue
         for size in rec.sizes:
             index = _probe_index(rec.arch, size)
             hit = miss = 0
@@ -1352,21 +1423,39 @@ def _lora_names(arch: Arch, component: Component | None = Component.UNET) -> fro
     return frozenset(names)
 
 
+@functools.lru_cache(maxsize=None)
+def _own_lora_names(arch: Arch) -> frozenset[str]:
+    """Kohya names (any component) of ``arch``'s table that no other record's table has."""
+    others = frozenset().union(*(_lora_names(r.arch, None) for r in records() if r.arch is not arch))
+    return _lora_names(arch, None) - others
+
+
 def detect_lora_arch(module_names: Iterable[str], *, sd_family: Arch = Arch.SD1) -> Arch | None:
     """Tell the architecture of a LoRA from its kohya module names.
 
     The diffusion-model names are matched against every record's table (both UNet spellings for
     SD); Flux (``lora_unet_double_blocks_…``) and SD3 (``lora_unet_joint_blocks_…``) names are
-    their own. ``lora_te1_``/``lora_te2_`` without a DiT name mean SDXL; sgm names
+    their own. Chroma shares Flux's block names: its ``distilled_guidance_layer`` or T5 names
+    (``lora_te1_encoder_block_…``) tell it; block names alone are taken as Flux (a saved file's
+    metadata tells them apart, see ``formats.arch_from_metadata``). Text-encoder names only one
+    record has decide next. ``lora_te1_``/``lora_te2_`` without a DiT name mean SDXL; sgm names
     (``lora_unet_input_blocks_…``) that fit SD1 and SDXL equally are taken as SDXL. SD1 and SD2
     share every name, so a match of that family returns ``sd_family`` (SD1 unless told). Returns
     ``None`` when no name is recognised.
     """
     names = [n.split(".", 1)[0] for n in module_names]
-    dit = {rec.arch: sum(n in _lora_names(rec.arch) for n in names) for rec in records() if rec.family is not Family.UNET}
+    dit_recs = [rec.arch for rec in records() if rec.family is not Family.UNET]
+    # DiT names, then (Flux and Chroma share every block name) the names of all components; a full tie
+    # goes to the first record (Flux)
+    dit = {a: (sum(n in _lora_names(a) for n in names), sum(n in _lora_names(a, None) for n in names)) for a in dit_recs}
     best_dit = max(dit, key=lambda a: dit[a], default=None)
-    if best_dit is not None and dit[best_dit] > 0:
+    if best_dit is not None and dit[best_dit][0] > 0:
         return best_dit
+    # text-encoder names no other record has (Chroma's lone T5 is lora_te1_encoder_block_…)
+    own = {a: sum(n in _own_lora_names(a) for n in names) for a in dit_recs}
+    best_own = max(own, key=lambda a: own[a], default=None)
+    if best_own is not None and own[best_own] > 0:
+        return best_own
     if any(n.startswith("lora_te3_") for n in names):
         return Arch.SD3 if any(n.startswith("lora_te2_") for n in names) else Arch.FLUX
     if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names):

@@ -752,7 +752,9 @@ def _choose_table(built: list[_Built], metadata: Mapping[str, str] | None):
             except Exception:
                 continue
             ok, bad = _score(_Names(table), _fuse_parts(built, table))
-            key = (ok - bad, arch == named, arch == hint)
+            # ties: the metadata's architecture, then the one told from kohya names (a Chroma LoRA
+            # of block layers only has Flux's names and shapes; its modelspec says chroma)
+            key = (ok - bad, arch == hint, arch == named)
             if ok > 0 and (best_key is None or key > best_key):
                 best, best_key = table, key
     return best

@@ -37,6 +37,7 @@ class Arch(str, enum.Enum):
     SDXL = "sdxl"
     FLUX = "flux"  # Flux.1 dev / schnell and their fine-tunes
     SD3 = "sd3"  # SD3 medium, SD3.5 medium / large (sizes of one record)
+    CHROMA = "chroma"  # lodestones/Chroma: Flux.1-schnell blocks, one distilled_guidance_layer for every modulation
 
 
 class LayerKind(str, enum.Enum):

@@ -1,4 +1,4 @@
-"""Flux.1 and SD3 from their records: tables against diffusers' own transformer modules, detection
+"""Flux.1, Chroma and SD3 from their records: tables against diffusers' own transformer modules, detection
 of every file layout, and diffusers' LoRA loaders as an independent oracle for what Rankwise writes
 (kohya names for Flux, diffusers names with the fused q/k/v split exactly for SD3)."""
 
@@ -36,12 +36,13 @@ try:  # imported at collection time: the import alone takes seconds
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
     diffusers.FluxTransformer2DModel, diffusers.SD3Transformer2DModel, diffusers.FluxPipeline
+    diffusers.ChromaTransformer2DModel
     _SKIP = ""
 except Exception as e:  # pragma: no cover
     _SKIP = f"needs diffusers + peft + transformers: {type(e).__name__}: {e}"
 needs_diffusers = pytest.mark.skipif(bool(_SKIP), reason=_SKIP or "ok")
 
-DIT = [Arch.FLUX, Arch.SD3]
+DIT = [Arch.FLUX, Arch.SD3, Arch.CHROMA]
 
 
 def test_flux_kohya_names_are_the_known_ones():
@@ -63,6 +64,43 @@ def test_flux_kohya_names_are_the_known_ones():
     assert [s.path.rsplit(".", 2)[-2:] for s in spec.splits][-1] == ["single_transformer_blocks.0", "proj_mlp"] or \
         spec.splits[-1].path.endswith("proj_mlp")
     assert spec.splits[-1].rows == (9216, 21504)
+
+
+def test_chroma_is_flux_without_per_block_modulation():
+    """Chroma (ComfyUI comfy/ldm/chroma): Flux's double/single blocks at 3072, no img_mod / txt_mod /
+    modulation / final adaLN linears and no time_in / vector_in / guidance_in, but a
+    distilled_guidance_layer (64 → 5120, five residual MLPs, → 3072); T5 alone is its text encoder."""
+    flux, chroma = key_table(Arch.FLUX), key_table(Arch.CHROMA)
+    for name, shape in {
+        "lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072),
+        "lora_unet_double_blocks_18_txt_mlp_2": (3072, 12288),
+        "lora_unet_single_blocks_37_linear1": (21504, 3072),
+        "lora_unet_single_blocks_0_linear2": (3072, 15360),
+        "lora_unet_img_in": (3072, 64),
+        "lora_unet_txt_in": (3072, 4096),
+        "lora_unet_final_layer_linear": (64, 3072),
+        "lora_unet_distilled_guidance_layer_in_proj": (5120, 64),
+        "lora_unet_distilled_guidance_layer_layers_4_in_layer": (5120, 5120),
+        "lora_unet_distilled_guidance_layer_layers_0_out_layer": (5120, 5120),
+        "lora_unet_distilled_guidance_layer_out_proj": (3072, 5120),
+        "lora_te1_encoder_block_23_layer_1_DenseReluDense_wo": (4096, 10240),
+    }.items():
+        assert chroma.by_kohya(name).shape == shape, name
+    gone = [s.kohya for s in flux.select(components=["unet"]) if chroma.by_kohya(s.kohya) is None]
+    assert gone and all(any(p in n for p in ("_mod_lin", "_modulation_lin", "time_in_", "vector_in_", "guidance_in_",
+                                            "final_layer_adaLN")) for n in gone)
+    shared = [s for s in chroma.select(components=["unet"]) if flux.by_kohya(s.kohya) is not None]
+    assert all(flux.by_kohya(s.kohya).shape == s.shape and flux.by_kohya(s.kohya).diffusers == s.diffusers
+               for s in shared)
+    assert len(chroma.select(components=["unet"])) == 19 * 8 + 38 * 2 + 1 + 2 + 12
+    assert chroma.by_kohya("lora_unet_distilled_guidance_layer_layers_2_out_layer").diffusers == \
+        "transformer.distilled_guidance_layer.layers.2.linear_2"
+    assert chroma.components() == (Component.UNET, Component.TE1)
+    assert {s.component for s in chroma if s.kohya.startswith("lora_te1_")} == {Component.TE1}
+    # the attn_mlp preset is the double/single blocks, as for Flux less its modulation linears
+    blocks = ["unet"]
+    assert {s.kohya for s in chroma.select(LayerPreset.ATTN_MLP, blocks)} == \
+        {s.kohya for s in flux.select(LayerPreset.ATTN_MLP, blocks) if s.group.value != "modulation"}
 
 
 def test_sd3_variants_by_size():
@@ -90,6 +128,70 @@ def test_detect_every_layout(arch, size, layout):
     assert (found.arch, found.size, found.layout) == (arch, size, layout)
 
 
+def _layout_shapes(arch, size="full", keep=None):
+    from rankwise.core.archs import diffusion_layout
+
+    return {k: s for k, s in diffusion_layout(arch, size).items() if keep is None or keep(k)}
+
+
+def test_flux_detection_excludes_chroma():
+    """Every Chroma key but one distilled_guidance_layer norm is a Flux key with Flux's shape: Flux's
+    record excludes files with distilled_guidance_layer.*, in every layout; and Chroma Radiance
+    (nerf_blocks.*) is neither."""
+    from rankwise.core.errors import FormatError
+    from rankwise.core.synthetic import reduced_depth
+
+    keep = reduced_depth(Arch.CHROMA, double=1, single=1)
+    reduced = _layout_shapes(Arch.CHROMA, keep=lambda k: keep("model.diffusion_model." + k))
+    assert detect_file(reduced).arch is Arch.CHROMA and detect_file(reduced).layout is FileLayout.BARE
+    assert detect_file({"diffusion_model." + k: s for k, s in reduced.items()}).layout is FileLayout.COMFY
+    blocks_and_norms = {k: s for k, s in reduced.items() if not k.startswith("distilled_guidance_layer.")
+                        or k.endswith(".scale")}
+    assert detect_file(blocks_and_norms).arch is Arch.CHROMA  # only Flux's weights + one Chroma norm
+    flux = _layout_shapes(Arch.FLUX, keep=lambda k: keep("model.diffusion_model." + k))
+    assert detect_file(flux).arch is Arch.FLUX
+    radiance = dict(blocks_and_norms)
+    radiance["nerf_blocks.0.norm.scale"] = (64,)
+    with pytest.raises(FormatError, match="could not detect"):
+        detect_file(radiance)
+
+
+def test_detect_lora_arch_tells_flux_and_chroma_apart():
+    chroma = [s.kohya for s in key_table(Arch.CHROMA)]
+    assert detect_lora_arch(chroma) is Arch.CHROMA
+    assert detect_lora_arch(["lora_unet_distilled_guidance_layer_in_proj", "lora_unet_double_blocks_0_img_attn_qkv"]) \
+        is Arch.CHROMA
+    t5 = [n for n in chroma if n.startswith("lora_te1_")]
+    assert detect_lora_arch(t5[:3]) is Arch.CHROMA  # Chroma's lone T5, not SDXL's CLIP-L
+    assert detect_lora_arch(t5[:3] + ["lora_unet_double_blocks_0_img_attn_qkv"]) is Arch.CHROMA
+    # block names alone are Flux's too: taken as Flux (a saved file's metadata says chroma)
+    assert detect_lora_arch(["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_3_linear2"]) is Arch.FLUX
+    assert detect_lora_arch(s.kohya for s in key_table(Arch.FLUX)) is Arch.FLUX
+    assert detect_lora_arch(["lora_te1_text_model_encoder_layers_0_mlp_fc1"]) is Arch.SDXL
+
+
+def test_chroma_lora_reads_back_by_its_metadata(tmp_path):
+    """A Chroma LoRA of block layers only has Flux's names and shapes; saved with its record's
+    metadata it reads back as Chroma, and the metadata strings are sd-scripts' Chroma ones."""
+    from rankwise.core.io import load_lora
+    from rankwise.core.metadata import build_metadata
+
+    table = key_table(Arch.CHROMA, "tiny")
+    full = random_lora(table, rank=2, preset=LayerPreset.ATTN_MLP, seed=3)
+    lora = Lora({n: l for n, l in full.layers.items() if not table.by_kohya(n).is_text_encoder}, arch=Arch.CHROMA)
+    meta = build_metadata(lora, title="t", method="test", params={})
+    assert meta["ss_base_model_version"] == "chroma" and meta["modelspec.architecture"] == "chroma/lora"
+    assert meta["modelspec.implementation"] == "https://huggingface.co/lodestones/Chroma"
+    path = tmp_path / "chroma.safetensors"
+    save_lora(lora.replace(metadata=meta), path, dtype=torch.float32)
+    back, _ = load_lora(path)
+    assert back.arch is Arch.CHROMA and set(back.layers) == set(lora.layers)
+    for name, layer in lora.layers.items():
+        assert torch.allclose(back.layers[name].delta(), layer.delta(), atol=1e-6), name
+    bare, _ = lora_from_state_dict({k: p() for k, _, _, p in lora_items(lora, "kohya", dtype=torch.float32)})
+    assert bare.arch is Arch.FLUX  # no metadata: Flux's names and shapes
+
+
 def test_detect_lora_arch_tells_dit_families_apart():
     assert detect_lora_arch(["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]) is Arch.FLUX
     assert detect_lora_arch(["lora_unet_joint_blocks_0_x_block_attn_qkv"]) is Arch.SD3
@@ -103,8 +205,8 @@ def test_detect_lora_arch_tells_dit_families_apart():
 def test_every_naming_style_reads_back_exactly(arch):
     table = key_table(arch, "tiny")
     lora = random_lora(table, rank=3, preset=LayerPreset.ALL, seed=2)
-    for style in ("kohya", "comfy", "diffusers"):
-        sd = {k: p() for k, _, _, p in lora_items(lora, style, dtype=torch.float32)}
+    for style in ("kohya", "comfy", "diffusers"):  # read back even where not offered for saving (Chroma: diffusers)
+        sd = {k: p() for k, _, _, p in lora_items(lora, style, dtype=torch.float32, table=table)}
         back, report = lora_from_state_dict(sd)
         assert back.arch is arch and len(back.layers) == len(lora.layers), (style, report.summary())
         for name, layer in lora.layers.items():
@@ -159,7 +261,8 @@ def _table_parts(table) -> dict[str, tuple[int, ...]]:
 
 
 def _transformer(arch: Arch, size: str):
-    cls = diffusers.FluxTransformer2DModel if arch is Arch.FLUX else diffusers.SD3Transformer2DModel
+    cls = {Arch.FLUX: diffusers.FluxTransformer2DModel, Arch.SD3: diffusers.SD3Transformer2DModel,
+           Arch.CHROMA: diffusers.ChromaTransformer2DModel}[arch]
     return cls(**diffusers_transformer_config(arch, size))
 
 

@@ -1,4 +1,4 @@
-"""Extraction from Flux / SD3 pairs and from files in different layouts, matched by the records.
+"""Extraction from Flux / Chroma / SD3 pairs and from files in different layouts, matched by the records.
 
 Pairs are written by ``synthetic.write_checkpoint_pair`` from the records (tiny widths here; real
 widths in tests/integration) with a planted low-rank ΔW; base and tuned come in different layouts
@@ -21,6 +21,9 @@ from rankwise.core.sources import StateDictSource, open_source, preflight
 from rankwise.core.svd import SvdMethod
 from rankwise.core.synthetic import PlantedDelta, reduced_depth, write_checkpoint_pair
 from rankwise.core.types import Arch, as_matrix
+
+
+DIT = [Arch.FLUX, Arch.SD3, Arch.CHROMA]
 
 
 def _options(rank: int, **kw) -> ExtractOptions:
@@ -46,7 +49,7 @@ def _pair(tmp_path, arch, layouts, rank=4, **kw):
     return base, tuned, planted
 
 
-@pytest.mark.parametrize("arch", [Arch.FLUX, Arch.SD3])
+@pytest.mark.parametrize("arch", DIT)
 @pytest.mark.parametrize("layouts", [("bare", "bare"), ("checkpoint", "bare"), ("diffusers", "comfy"),
                                      ("bare", "diffusers")])
 def test_mixed_layouts_recover_the_planted_delta(tmp_path, arch, layouts):
@@ -64,7 +67,7 @@ def test_mixed_layouts_recover_the_planted_delta(tmp_path, arch, layouts):
         assert any("layouts differ" in n for n in pair.notes)
 
 
-@pytest.mark.parametrize("arch", [Arch.FLUX, Arch.SD3])
+@pytest.mark.parametrize("arch", DIT)
 def test_rank_below_planted_is_the_eckart_young_optimum(tmp_path, arch):
     base, tuned, planted = _pair(tmp_path, arch, ("bare", "diffusers"), rank=6)
     lora, _ = extract(open_source(base), open_source(tuned), _options(3))
@@ -87,6 +90,38 @@ def test_reduced_depth_keeps_the_first_blocks(tmp_path):
     assert "double_blocks.0.img_attn.qkv.weight" in keys and "double_blocks.1.img_attn.qkv.weight" not in keys
     assert "single_blocks.1.linear1.weight" in keys and "img_in.weight" in keys
     assert src.detection.layout is FileLayout.BARE and src.detection.arch is Arch.FLUX
+
+
+@pytest.mark.parametrize("preset", [LayerPreset.ATTN_MLP, LayerPreset.ALL])
+def test_chroma_extract_save_load_is_the_identity(tmp_path, preset):
+    """Chroma from a reduced pair (the first double/single blocks, every approximator layer):
+    detected as Chroma, not Flux; saved with kohya names and its record's metadata; read back as
+    Chroma with the same factors — also with block layers only, whose names and shapes are Flux's."""
+    from rankwise.core.io import load_lora, save_lora
+
+    keep = reduced_depth(Arch.CHROMA, double=1, single=1)
+    base, tuned, planted = _pair(tmp_path, Arch.CHROMA, ("bare", "checkpoint"), keep=keep)
+    b, t = open_source(base), open_source(tuned)
+    from rankwise.core.layouts import detect_source
+
+    found_b, found_t = detect_source(b), detect_source(t)
+    assert (found_b.arch, found_b.layout) == (Arch.CHROMA, FileLayout.BARE)
+    assert (found_t.arch, found_t.layout) == (Arch.CHROMA, FileLayout.CHECKPOINT)
+    lora, _ = extract(b, t, _options(8, preset=preset))
+    names = set(lora.layers)
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in names and "lora_unet_double_blocks_1_img_attn_qkv" not in names
+    assert any(n.startswith("lora_unet_distilled_guidance_layer_") for n in names) == (preset is LayerPreset.ALL)
+    assert lora.metadata["ss_base_model_version"] == "chroma"
+    path = tmp_path / "chroma_lora.safetensors"
+    save_lora(lora, path, dtype=torch.float32, naming="kohya")
+    back, report = load_lora(path)
+    assert back.arch is Arch.CHROMA and set(back.layers) == names, report.summary()
+    assert back.metadata["modelspec.architecture"] == "chroma/lora"
+    for name, layer in lora.layers.items():
+        got = back.layers[name]
+        assert torch.equal(got.up, layer.up) and torch.equal(got.down, layer.down) and got.alpha == layer.alpha, name
+        dw = planted[name]
+        assert float((got.delta().reshape(dw.shape) - dw).norm()) <= 1e-4 * float(dw.norm()), name
 
 
 def test_different_architectures_name_both(tmp_path):
@@ -133,7 +168,7 @@ def test_state_dict_views_stay_comparable():
     assert canonical_source(src) is src
 
 
-@pytest.mark.parametrize("arch", [Arch.FLUX, Arch.SD3])
+@pytest.mark.parametrize("arch", DIT)
 def test_comfyui_graph_keys_pair_and_extract(arch):
     """A MODEL + CLIP pair from a ComfyUI graph is keyed diffusion_model.… / clip_l.transformer.… /
     t5xxl.transformer.…: the records' comfy prefixes, so make_pair and extraction take it as is."""

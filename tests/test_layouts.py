@@ -72,6 +72,9 @@ def test_dit_layouts_are_generated_from_the_records():
 
     large = diffusion_layout(Arch.SD3, "large")
     assert 8.0e9 < sum(math.prod(s) for s in large.values()) < 8.2e9
+    chroma = load_layout(Arch.CHROMA)  # ComfyUI's Chroma module: 643 tensors; "8.9B parameters" (its model card)
+    assert len(chroma) == 643 and 8.85e9 < sum(math.prod(s) for s, _ in chroma.values()) < 8.95e9
+    assert not any(".img_mod." in k or ".modulation." in k or "time_in." in k for k in chroma)
     medium = load_layout(Arch.SD3)
     assert 2.4e9 < sum(math.prod(s) for s, _ in medium.values()) < 2.6e9
     assert all(k.startswith("model.diffusion_model.") for k in medium)

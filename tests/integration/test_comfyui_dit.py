@@ -55,10 +55,11 @@ def _keymap(comfy_install, tmp_path, arch: Arch, size: str, naming: str) -> dict
     return res
 
 
-@pytest.mark.parametrize("arch, size", [(Arch.FLUX, "full"), (Arch.SD3, "full"), (Arch.SD3, "large")])
+@pytest.mark.parametrize("arch, size", [(Arch.FLUX, "full"), (Arch.SD3, "full"), (Arch.SD3, "large"),
+                                        (Arch.CHROMA, "full")])
 def test_comfyui_key_map_covers_every_dit_layer_kohya(comfy_install, tmp_path, arch, size):
     res = _keymap(comfy_install, tmp_path, arch, size, "kohya")
-    expected_model = {Arch.FLUX: "Flux", Arch.SD3: "SD3"}[arch]
+    expected_model = {Arch.FLUX: "Flux", Arch.SD3: "SD3", Arch.CHROMA: "Chroma"}[arch]
     assert res["model_class"] == expected_model, res
     assert res["not_loaded"] == [], f"lora key not loaded: {res['not_loaded'][:20]} (+{len(res['not_loaded'])})"
     assert res["lora_modules"] == res["table_layers"] == res["patch_targets"], res
@@ -127,3 +128,14 @@ def test_comfyui_detects_reduced_flux_and_applies_every_key(comfy_install, tmp_p
     res = _extract_and_apply(comfy_install, tmp_path, Arch.FLUX, "full", keep, scale=0.2)
     _check_apply(res, "Flux")
     assert res["unet_config"].get("depth") == 1 and res["unet_config"].get("depth_single_blocks") == 1
+
+
+def test_comfyui_detects_reduced_chroma_and_applies_every_key(comfy_install, tmp_path):
+    """Chroma at real width (ComfyUI fixes 3072 and the 64 → 5120 × 5 → 3072 approximator), one double
+    and one single block: ComfyUI's model detection says Chroma (not Flux), and its loader patches
+    every key of the kohya-named LoRA, the distilled_guidance_layer included."""
+    keep = reduced_depth(Arch.CHROMA, double=1, single=1)
+    res = _extract_and_apply(comfy_install, tmp_path, Arch.CHROMA, "full", keep, scale=0.2)
+    _check_apply(res, "Chroma")
+    assert res["unet_config"].get("depth") == 1 and res["unet_config"].get("depth_single_blocks") == 1
+    assert any(layer["lora"].startswith("lora_unet_distilled_guidance_layer_") for layer in res["layers"])
