@@ -27,7 +27,16 @@ well above what it holds afterwards; the extraction step is judged against both.
 Extraction uses the example workflows' full settings by default: every layer (UNet conv 3×3
 included), text encoders that differ, exact SVD; ``--rules`` (default 128) sets the rank.
 
-Run:  python bench/bench_comfy_memory.py [--arch sdxl|sd1] [--rules 128] [--comfyui ~/ComfyUI]
+Flux (``--arch flux``): the pair is two diffusion-model-only bf16 files of the flux1-dev layout at real width
+with the first ``--flux-blocks D,S`` double/single blocks (default 2,4: full Flux in two fp32 models would not
+fit a 24 GB machine; every layer has its real size, so the extraction's extra memory is that of the full
+model), placed in ``models/diffusion_models`` as ``flux1-dev.safetensors`` / ``flux1-dev-finetune.safetensors``:
+  flux_base     load: UNETLoader(base) → Preview Any
+  flux_two      load: UNETLoader × 2
+  flux_graph    load: as flux_two; extract: Model Pair from Graph → Extract LoRA → Save LoRA
+  flux_extract  load: Load Diffusion Model Pair with the base loaded for sampling; extract: → Extract → Save
+
+Run:  python bench/bench_comfy_memory.py [--arch sdxl|sd1|flux] [--rules 128] [--comfyui ~/ComfyUI]
 Needs a ComfyUI checkout with its venv (COMFYUI_PATH / COMFYUI_PYTHON as for the integration tests).
 """
 
@@ -166,14 +175,60 @@ def prompt_core(args: argparse.Namespace) -> dict:
     return prompt
 
 
-def make_base_dir(root: Path, pair: tuple[Path, Path]) -> Path:
+FLUX_BASE, FLUX_TUNED = "flux1-dev.safetensors", "flux1-dev-finetune.safetensors"
+
+
+def prompt_flux_load(*, two: bool) -> dict:
+    prompt = {"4": {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX_BASE, "weight_dtype": "default"}},
+              "6": {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}}}
+    if two:
+        prompt["5"] = {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX_TUNED, "weight_dtype": "default"}}
+        prompt["7"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}}
+    return prompt
+
+
+def prompt_flux_graph(args: argparse.Namespace, *, prefix: str) -> dict:
+    prompt = prompt_extract(args, load_base=False, prefix=prefix)
+    prompt["1"] = {"class_type": "RankwiseModelPair", "inputs": {"base_model": ["4", 0], "tuned_model": ["5", 0]}}
+    prompt["2"]["inputs"]["pair"] = ["1", 0]
+    prompt["3"]["inputs"]["dtype"] = "bf16"
+    prompt.update({k: v for k, v in prompt_flux_load(two=True).items() if k in ("4", "5")})
+    return prompt
+
+
+def prompt_flux_pair_nodes() -> dict:
+    return {"1": {"class_type": "RankwiseLoadDiffusionModelPair",
+                  "inputs": {"base_model_name": FLUX_BASE, "tuned_model_name": FLUX_TUNED,
+                             "load_base_for_sampling": True, "weight_dtype": "default", "exact_parts": False}}}
+
+
+def prompt_flux_pair_load() -> dict:
+    prompt = prompt_flux_pair_nodes()
+    prompt["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}
+    return prompt
+
+
+def prompt_flux_extract(args: argparse.Namespace, *, prefix: str) -> dict:
+    prompt = prompt_extract(args, load_base=False, prefix=prefix)
+    prompt.update(prompt_flux_pair_nodes())
+    prompt["2"]["inputs"]["pair"] = ["1", 1]
+    prompt["3"]["inputs"]["dtype"] = "bf16"
+    return prompt
+
+
+def make_base_dir(root: Path, pair: tuple[Path, Path], flux: bool = False) -> Path:
     base = Path(tempfile.mkdtemp(prefix="comfy-mem-", dir=root))
-    return populate_base_dir(base, {BASE_NAME: pair[0], TUNED_NAME: pair[1]})
+    if not flux:
+        return populate_base_dir(base, {BASE_NAME: pair[0], TUNED_NAME: pair[1]})
+    populate_base_dir(base, {})
+    for name, target in ((FLUX_BASE, pair[0]), (FLUX_TUNED, pair[1])):
+        (base / "models" / "diffusion_models" / name).symlink_to(target)
+    return base
 
 
 def run_scenario(name: str, steps: list[tuple[str, dict]], install, pair, root: Path, timeout: float) -> list[Result]:
     """Run the steps' prompts one after another on one fresh server; one Result (peak) per step."""
-    base_dir = make_base_dir(root, pair)
+    base_dir = make_base_dir(root, pair, flux=name.startswith("flux"))
     server = ComfyServer(install, base_dir, pair)
     server.start()
     out: list[Result] = []
@@ -197,7 +252,8 @@ def gb(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="sdxl", choices=[a.value for a in (Arch.SD1, Arch.SDXL)])
+    ap.add_argument("--arch", default="sdxl", choices=[a.value for a in (Arch.SD1, Arch.SDXL, Arch.FLUX)])
+    ap.add_argument("--flux-blocks", default="2,4", help="flux: D,S double/single blocks at real width (default 2,4)")
     ap.add_argument("--rules", default="128", help="Extract LoRA rules (default: fixed rank 128)")
     ap.add_argument("--max-rank", type=int, default=128)
     ap.add_argument("--conv-rank", type=int, default=0)
@@ -215,7 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot run: {why}")
         return 2
     arch = Arch(args.arch)
-    base_ckpt, tuned_ckpt, secs = ensure_pair(arch)
+    if arch is Arch.FLUX:
+        import bench_flux
+
+        blocks = tuple(int(x) for x in args.flux_blocks.split(","))
+        base_ckpt, tuned_ckpt, secs = bench_flux.ensure_pair(
+            Path(f"{bench_flux.default_dir()}-blocks{blocks[0]}x{blocks[1]}"), blocks)
+    else:
+        base_ckpt, tuned_ckpt, secs = ensure_pair(arch)
     if secs:
         print(f"wrote the {arch.value} pair in {secs:.0f} s")
     pair = (base_ckpt, tuned_ckpt)
@@ -232,8 +295,15 @@ def main(argv: list[str] | None = None) -> int:
         "two_models": [("load", prompt_two_models())],
         "graph": [("load", prompt_two_models()), ("extract", prompt_graph(args, prefix="bench/graph"))],
         "core": [("load", prompt_two_models()), ("extract", prompt_core(args))],
+        "flux_base": [("load", prompt_flux_load(two=False))],
+        "flux_two": [("load", prompt_flux_load(two=True))],
+        "flux_graph": [("load", prompt_flux_load(two=True)), ("extract", prompt_flux_graph(args, prefix="bench/flux_graph"))],
+        "flux_extract": [("load", prompt_flux_pair_load()), ("extract", prompt_flux_extract(args, prefix="bench/flux_extract"))],
     }
-    chosen = args.scenarios or ("base,extract,extract_only" + (",two_models,graph" if arch is Arch.SD1 else ""))
+    default = "base,extract,extract_only" + (",two_models,graph" if arch is Arch.SD1 else "")
+    if arch is Arch.FLUX:
+        default = "flux_base,flux_extract,flux_two,flux_graph"
+    chosen = args.scenarios or default
     results: list[Result] = []
     for name in [s.strip() for s in chosen.split(",") if s.strip()]:
         for r in run_scenario(name, scenarios[name], install, pair, root, args.timeout):
@@ -247,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r.scenario, r.step): r for r in results}
     verdict = 0
     print()
-    for ref_name, extractions in (("base", ("extract", "extract_only")), ("two_models", ("graph", "core"))):
+    for ref_name, extractions in (("base", ("extract", "extract_only")), ("two_models", ("graph", "core")),
+                                  ("flux_base", ("flux_extract",)), ("flux_two", ("flux_graph",))):
         if (ref_name, "load") not in by:
             continue
         ref = by[(ref_name, "load")].peak
