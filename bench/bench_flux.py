@@ -15,8 +15,8 @@ by the number of layers of that shape. Its singular values give the exact optimu
 layers, against which the written file (loaded back, in its stored dtype) is measured directly.
 Ratios: reference CPU / run CPU, and reference CPU spread over 2 cores / run wall.
 
-The pair: :func:`rankwise.core.synthetic.write_checkpoint_pair` with the full Flux key table (flux1-dev's
-780 tensors, 11.9 G parameters), bf16, no prefix (as flux1-dev.safetensors ships), random weights and a
+The pair: :func:`rankwise.core.synthetic.write_checkpoint_pair` with the full Flux layout (flux1-dev's
+780 tensors, 11.9 G parameters: the key table's weights plus biases and norm scales), bf16, no prefix (as flux1-dev.safetensors ships), random weights and a
 planted rank-8 ΔW in every block layer, written by streaming (a few layers of memory). 2 × 23.8 GB:
 it needs ~48 GB of free disk, is cached in ``--dir`` and is not part of ``make test``. ``--delete``
 removes it at the end.
@@ -54,7 +54,7 @@ from rankwise.core.types import Arch  # noqa: E402
 
 PLANTED = PlantedDelta(kind=DeltaKind.LOWRANK, rank=8, scale=0.05)
 SEED = 11
-VERSION = "v1"
+VERSION = "v2"  # v2: biases and norms written too (the whole flux1-dev layout, which ComfyUI detects)
 BASE_NAME, TUNED_NAME = "flux_base.safetensors", "flux_tuned.safetensors"
 
 
@@ -74,8 +74,17 @@ def keep_filter(blocks: tuple[int, int] | None):
     return lambda key: key.startswith(prefix) and inner(key)
 
 
+def extras() -> dict[str, tuple[tuple[int, ...], str]]:
+    """The layout's tensors that are not table layers (biases, norm scales), bf16, same in both files."""
+    from rankwise.core.archs import diffusion_layout
+
+    prefix = record(Arch.FLUX).diffusion_prefixes.checkpoint
+    return {prefix + k: (tuple(s), "bfloat16") for k, s in diffusion_layout(Arch.FLUX, "full").items()
+            if not (k.endswith(".weight") and len(s) >= 2)}
+
+
 def file_keys(keep) -> list[str]:
-    return [k for k in key_table(Arch.FLUX, "full").checkpoint_keys() if keep(k)]
+    return [k for k in [*key_table(Arch.FLUX, "full").checkpoint_keys(), *extras()] if keep(k)]
 
 
 def complete(path: Path, want: int) -> bool:
@@ -94,7 +103,8 @@ def ensure_pair(directory: Path, blocks: tuple[int, int] | None) -> tuple[Path, 
         return base, tuned, 0.0
     directory.mkdir(parents=True, exist_ok=True)
     table = key_table(Arch.FLUX, "full")
-    need = 2 * sum(2 * math.prod(table.checkpoint_shape(k)) for k in keys) + (2 << 30)
+    shapes = {k: shape for k, (shape, _) in extras().items()}
+    need = 2 * sum(2 * math.prod(shapes[k] if k in shapes else table.checkpoint_shape(k)) for k in keys) + (2 << 30)
     free = shutil.disk_usage(directory).free + sum(p.stat().st_size for p in (base, tuned) if p.exists())
     if free < need:
         raise SystemExit(f"bench_flux: the pair needs {need / 1e9:.1f} GB free in {directory}, "
@@ -103,8 +113,7 @@ def ensure_pair(directory: Path, blocks: tuple[int, int] | None) -> tuple[Path, 
         p.unlink(missing_ok=True)
     t0 = time.perf_counter()
     write_checkpoint_pair(base, tuned, Arch.FLUX, size="full", delta=PLANTED, seed=SEED, dtype=torch.bfloat16,
-                          layouts=("bare", "bare"), return_deltas=False,
-                          keep=keep)
+                          layouts=("bare", "bare"), return_deltas=False, extra_layout=extras(), keep=keep)
     return base, tuned, time.perf_counter() - t0
 
 
