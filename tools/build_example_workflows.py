@@ -397,13 +397,15 @@ def flux_extract_preview() -> Spec:
         Node(1, "RankwiseLoadDiffusionModelPair", 0, {"base_model_name": FLUX_BASE, "tuned_model_name": FLUX_TUNED,
                                                       "load_base_for_sampling": True, "weight_dtype": "default",
                                                       "exact_parts": False}),
-        Node(2, "RankwiseExtractLoRA", 1, {"rules": "32", "layers": "all", "text_encoders": "auto",
+        Node(2, "RankwiseExtractLoRA", 1, {"rules": "64", "layers": "all", "text_encoders": "auto",
                                            "method": "exact", "seed": 0}, {"pair": (1, 1)},
-             title="Extract LoRA (rank 32)"),
+             title="Extract LoRA (rank 64)"),
+        Node(14, "RankwiseResizeLoRA", 1, {"rules": "32", "strength": 1.0}, {"lora": (2, 0)},
+             title="Resize LoRA (rank 32)"),
         Node(3, "RankwiseSaveLoRA", 1, {"filename_prefix": "rankwise/flux_extracted", "dtype": "bf16",
-                                        "suffix": "_r32", "key_names": "auto"}, {"lora": (2, 0)}),
+                                        "suffix": "_r32", "key_names": "auto"}, {"lora": (14, 0)}),
         Node(4, "RankwiseApplyLoRA", 2, {"strength_model": 1.0, "strength_clip": 1.0},
-             {"model": (1, 0), "lora": (2, 0)}),
+             {"model": (1, 0), "lora": (14, 0)}),
         Node(5, "DualCLIPLoader", 2, {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux"}),
         Node(6, "VAELoader", 2, {"vae_name": FLUX_VAE}),
         Node(7, "EmptySD3LatentImage", 2, {"width": 1024, "height": 1024, "batch_size": 1}),
@@ -420,13 +422,14 @@ def flux_extract_preview() -> Spec:
             "### Flux.1: a LoRA from a fine-tune\n"
             "Put flux1-dev and the fine-tune (diffusion-model-only files) in `models/diffusion_models`; "
             "Load Diffusion Model Pair streams them one tensor at a time.\n\n"
-            "Extract LoRA keeps rank 32 of tuned − base; Save LoRA writes kohya names (ComfyUI, Forge, "
-            "diffusers) to `models/loras/rankwise/`.\n\n"
+            "Extract LoRA keeps rank 64 of tuned − base, Resize LoRA re-factorises it to rank 32 (no "
+            "second SVD of ΔW); Save LoRA writes kohya names (ComfyUI, Forge, diffusers) to "
+            "`models/loras/rankwise/`.\n\n"
             "The preview applies the LoRA to flux1-dev and samples with ComfyUI's Flux nodes "
             "(clip_l + t5xxl, ae VAE, guidance 3.5, cfg 1)."), width=COL_W, height=230),
     ]
-    return Spec("flux_extract_preview", "Flux.1: extract from two diffusion models, save, preview", nodes, [
-        ("Extract a LoRA", [2, 3], "#3f789e"),
+    return Spec("flux_extract_preview", "Flux.1: extract from two diffusion models, resize, save, preview", nodes, [
+        ("Extract a LoRA", [2, 14, 3], "#3f789e"),
         ("flux1-dev + LoRA", [8, 9, 10], "#8A8"),
     ])
 
