@@ -15,27 +15,18 @@ platform where the library is not a loadable file); the caller then uses scipy. 
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import threading
 from typing import Callable
 
 import numpy as np
 
+from .runtime import openblas_library_paths
+
 _c_int = ctypes.c_int
 _p = ctypes.c_void_p
 _LOCK = threading.Lock()
 _ROUTINES: dict[str, Callable | None] | None = None
-
-
-def library_paths() -> list[str]:
-    """The OpenBLAS libraries bundled with scipy (Linux wheels: ``scipy.libs``; macOS: ``.dylibs``)."""
-    try:
-        import scipy
-    except ImportError:  # pragma: no cover
-        return []
-    base = os.path.dirname(scipy.__file__)
-    return sorted(glob.glob(os.path.join(base + ".libs", "*openblas*")) + glob.glob(os.path.join(base, ".dylibs", "*openblas*")))
 
 
 def _symbol(lib: ctypes.CDLL, name: str):
@@ -60,7 +51,7 @@ def _load() -> dict[str, Callable | None]:
         except ImportError:  # pragma: no cover
             _ROUTINES = found
             return found
-        for path in library_paths():
+        for path in openblas_library_paths():
             if "64_" in os.path.basename(path):  # ILP64 builds take 64-bit integers
                 continue
             try:

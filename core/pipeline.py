@@ -493,11 +493,11 @@ class SpillFile:
     def __init__(self, directory: str | None = None) -> None:
         self._dir = directory
         self._file = None
-        self._where: dict[int, tuple[int, torch.Size, torch.dtype]] = {}
+        # id(placeholder) → (placeholder, offset): the placeholder is kept so its id stays unique
+        self._where: dict[int, tuple[Tensor, int]] = {}
         self._next = 0
         self.failed: str | None = None
         self.parked_bytes = 0
-        self._keep: list[Tensor] = []  # the placeholders handed out (their ids key ``_where``)
 
     def park(self, t: Tensor) -> Tensor:
         if self.failed is not None or t.numel() == 0 or t.device.type != "cpu":
@@ -512,17 +512,17 @@ class SpillFile:
             self.failed = f"{type(exc).__name__}: {exc}"
             return t
         placeholder = torch.empty(t.shape, dtype=t.dtype, device="meta")
-        self._where[id(placeholder)] = (self._next, t.shape, t.dtype)
+        self._where[id(placeholder)] = (placeholder, self._next)
         self._next += flat.nbytes
         self.parked_bytes += flat.nbytes
-        self._keep.append(placeholder)
         return placeholder
 
     def fetch(self, t: Tensor) -> Tensor:
         if t.device.type != "meta":
             return t
-        offset, shape, dtype = self._where.pop(id(t))
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        _, offset = self._where.pop(id(t))
+        shape, dtype = t.shape, t.dtype
+        nbytes = t.numel() * t.element_size()
         buf = bytearray(nbytes)
         self._file.seek(offset)
         view = memoryview(buf)
@@ -532,14 +532,13 @@ class SpillFile:
             if not n:
                 raise OSError(f"the spill file ended {nbytes - got} bytes early")
             got += n
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)  # park never parks an empty tensor
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
         self._where.clear()
-        self._keep.clear()
 
 
 class RankPhase:

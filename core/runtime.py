@@ -47,6 +47,18 @@ def release_cache(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def openblas_library_paths() -> list[str]:
+    """The OpenBLAS libraries bundled with scipy (Linux wheels: ``scipy.libs``; macOS: ``.dylibs``)."""
+    import glob
+
+    try:
+        import scipy
+    except ImportError:  # pragma: no cover
+        return []
+    base = os.path.dirname(scipy.__file__)
+    return sorted(glob.glob(os.path.join(base + ".libs", "*openblas*")) + glob.glob(os.path.join(base, ".dylibs", "*openblas*")))
+
+
 class _OpenBlasThreads:
     """scipy's bundled OpenBLAS thread count, kept equal to torch's (found lazily via ctypes).
 
@@ -62,19 +74,13 @@ class _OpenBlasThreads:
 
     def _find(self) -> list:
         import ctypes
-        import glob
 
         setters = []
         try:
-            import scipy
             import scipy.linalg  # noqa: F401  (loads the BLAS library)
         except ImportError:  # pragma: no cover
             return setters
-        base = os.path.dirname(scipy.__file__)
-        candidates = glob.glob(os.path.join(base + ".libs", "*openblas*")) + glob.glob(
-            os.path.join(base, ".dylibs", "*openblas*")
-        )
-        for path in candidates:
+        for path in openblas_library_paths():
             try:
                 lib = ctypes.CDLL(path)
             except OSError:
