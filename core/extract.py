@@ -48,6 +48,10 @@ Decisions (documented here once)
   torch threads (layer-level parallelism, results in layer order, ≤ 2n layers in flight besides
   the read-ahead); the CLI passes ``--workers`` (default 2). SDXL rank 128 exact, end to end
   (``bench/bench_end_to_end.py``, load ≈ 1.5 from other jobs): 135 s wall at 1 worker, 111 s at 2.
+* **Read-ahead**: up to ``prefetch`` (4) layers wait read, within ``prefetch_bytes`` (160 MiB) of
+  fp32 ΔW, one layer always passing (a Flux MLP is 151 MB). With one layer ahead the two workers
+  starved between big layers: SDXL rank 128 exact ran 1.57 cores busy, 73.5 s wall; with two or
+  more, 1.97 cores, 59–61 s (same CPU time).
 * **Spectra**: :func:`extract_detailed` returns an :class:`ExtractResult` holding, besides the
   LoRA and the report, each layer's :class:`~.rank.Spectrum` (the values the rank was chosen from)
   for :mod:`.spectrum` plots. :func:`extract` returns just ``(Lora, Report)``.
@@ -84,6 +88,7 @@ from .rank import RankPolicy, Spectrum
 from .runtime import resolve_device  # noqa: F401  (public here too)
 from .report import LayerStat, Report
 from .sources import KeyStyle, PairReport, WeightSource, layer_source_key, preflight
+from .decompositions import difference_sum_squares
 from .svd import SvdMethod, decompose, set_threads, singular_values, split_factors, sum_squares
 from .types import DiffLayer, Lora, LoraLayer, SkipReason, as_matrix, factors_to_layer_shapes
 
@@ -124,7 +129,8 @@ class ExtractOptions:
     factor_dtype: torch.dtype = torch.float16
     key_style: KeyStyle = KeyStyle.CHECKPOINT
     threads: int | None = None  # torch + OpenBLAS threads during the run (None: leave as is)
-    prefetch: int = 1  # layers read ahead by the background thread (0: read in the main thread)
+    prefetch: int = 4  # layers read ahead by the background thread (0: read in the main thread) …
+    prefetch_bytes: int = 160 << 20  # … within this many bytes of fp32 ΔW (one layer always passes)
     workers: int = 1  # layers decomposed at once, each on its own thread (with ``threads`` torch threads)
     seed: int = 0
     exact_parts: bool = False  # also store changed 1-D weights / biases exactly (.diff / .diff_b; generic keys)
@@ -153,6 +159,8 @@ class ExtractOptions:
             raise ValueError(f"threads must be ≥ 1 (or None), got {self.threads}")
         if self.prefetch < 0:
             raise ValueError(f"prefetch must be ≥ 0, got {self.prefetch}")
+        if self.prefetch_bytes < 0:
+            raise ValueError(f"prefetch_bytes must be ≥ 0, got {self.prefetch_bytes}")
         if self.exact_parts and self.key_style is not KeyStyle.GENERIC:
             raise ValueError("exact_parts (.diff / .diff_b) needs the generic key style (ComfyUI-native names)")
         if self.workers < 1:
@@ -254,6 +262,10 @@ class _Item:
     fro2: float = 0.0
     base_norm: float = 0.0
 
+    def nbytes(self) -> int:
+        d = self.delta
+        return 0 if d is None else d.numel() * d.element_size()
+
 
 @dataclass
 class _Out:
@@ -323,7 +335,7 @@ def _run(
                 out: tuple[bool, object] = (False, _near_zero_stat(item, rel))
             else:
                 info = _layer_info(item.spec, options.factor_dtype)
-                layer = decompose_delta(item.delta, info, selectors, options, device, index)
+                layer = decompose_delta(item.delta, info, selectors, options, device, index, fro2=item.fro2)
                 layer.extra["base_fro2"] = item.base_norm ** 2  # for a size budget's relative weights
                 layer.extra["block"] = item.spec.block
                 layer.extra["dtype"] = options.factor_dtype  # held in it for a size budget
@@ -333,7 +345,8 @@ def _run(
 
     try:
         with LayerLoop(len(present), progress) as loop, \
-                ReadAhead(present, reader, options.prefetch, name="rankwise-extract-read") as items, \
+                ReadAhead(present, reader, options.prefetch, name="rankwise-extract-read",
+                          max_bytes=options.prefetch_bytes, size=_Item.nbytes) as items, \
                 _Workers(options.workers, options.threads) as pool:
             for item, (decomposed, payload) in pool.map_ordered(phase1, items):
                 if decomposed:
@@ -471,14 +484,14 @@ def _choose_components(
 
 
 def decompose_delta(a: Tensor, info: LayerInfo, selectors: Sequence[RankSelector], options: ExtractOptions,
-                    device: torch.device, index: int = 0) -> Decomposed:
+                    device: torch.device, index: int = 0, fro2: float | None = None) -> Decomposed:
     """Phase 1 of extract for one layer: ΔW (fp32 matrix) → a decomposition every selector can decide from.
 
     Fixed ranks (and capped dynamic rules) decompose once at the largest rank any rule needs. An
     uncapped dynamic rule starts at :data:`INITIAL_DYNAMIC` triplets; when the known values (plus
     the tail energy ‖ΔW‖_F² − Σσ²) cannot decide, the complete spectrum (values only, fp64 Gram)
     is computed once and decides every rule. Then the triplets are topped up to the largest rank
-    chosen, in one more decomposition.
+    chosen, in one more decomposition. ``fro2``: ‖ΔW‖_F² when the reader has it already.
     """
     p = info.limit
     wants = [s.needed(info) for s in selectors]
@@ -486,7 +499,7 @@ def decompose_delta(a: Tensor, info: LayerInfo, selectors: Sequence[RankSelector
     k = max(fixed) if len(fixed) == len(wants) else max(fixed + [min(p, INITIAL_DYNAMIC)])
     per_layer = [s for s in selectors if not s.is_global]
     name = info.name
-    layer = Decomposed(info, _decompose(a, k, options, device, full=False, name=name), source=a)
+    layer = Decomposed(info, _decompose(a, k, options, device, full=False, name=name, fro2=fro2), source=a)
     if not all_certain(per_layer, layer) and k < p:
         # the known values cannot decide (an uncapped rule needs more of them, or sv_cumulative needs
         # Σσ): the complete spectrum, values only (fp64 Gram eigenvalues), decides every rule; the
@@ -497,7 +510,7 @@ def decompose_delta(a: Tensor, info: LayerInfo, selectors: Sequence[RankSelector
         layer = Decomposed(info, dataclasses.replace(layer.dec, spectrum=spectrum), source=a)
     need = triplets_needed(selectors, layer)
     if need > layer.dec.rank:
-        more = _decompose(a, need, options, device, full=False, name=name)
+        more = _decompose(a, need, options, device, full=False, name=name, fro2=fro2)
         known = layer.spectrum.values
         if known.numel() > need:  # keep the complete tail already known
             values = torch.cat([more.spectrum.values[:need], known[need:].clamp(max=float(more.S[-1]))])
@@ -535,9 +548,10 @@ def layer_output(layer: Decomposed, decision: RankDecision, options: ExtractOpti
     return out, layer_stat(layer, decision, out, error=error, note=note, kept_fp32=kept32)
 
 
-def _decompose(a: Tensor, k: int, options: ExtractOptions, device: torch.device, *, full: bool, name: str) -> Decomposition:
+def _decompose(a: Tensor, k: int, options: ExtractOptions, device: torch.device, *, full: bool, name: str,
+               fro2: float | None = None) -> Decomposition:
     try:
-        return decompose(a, k, method=options.method, full_spectrum=full, device=device, seed=options.seed)
+        return decompose(a, k, method=options.method, full_spectrum=full, device=device, seed=options.seed, fro2=fro2)
     except NonFiniteError as e:
         raise NonFiniteError(f"layer {name}: {e}", (name,)) from e
     except RankwiseError as e:  # the whole fallback ladder failed: name the layer
@@ -614,22 +628,11 @@ class _Reader:
         if tuple(w.shape) != tuple(spec.shape) or tuple(t.shape) != tuple(spec.shape):
             raise RankwiseError(f"layer {spec.kohya}: tensor {key} has shapes {list(w.shape)} (base) and "
                                 f"{list(t.shape)} (tuned), expected {list(spec.shape)}")
-        d = _difference(w, t)
+        d, fro2, base_fro2 = difference_sum_squares(w, t)
         mat = as_matrix(d)
-        fro2 = sum_squares(mat)
         if not math.isfinite(fro2):  # Σ d² is finite iff every entry is: no extra pass
             raise _non_finite(key, spec, (("base", self._base, w), ("tuned", self._tuned, t)))
-        return _Item(spec, mat, fro2, math.sqrt(sum_squares(w)))
-
-
-def _difference(w: Tensor, t: Tensor) -> Tensor:
-    """``t − w`` in fp32, both sides upcast before subtracting, without an fp32 copy of ``w``."""
-    if w.dtype == torch.float64 or t.dtype == torch.float64:
-        return (t.double() - w.double()).float()
-    d = t.to(torch.float32, copy=True)
-    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        w = w.float()
-    return d.sub_(w)  # w is converted element by element inside the kernel
+        return _Item(spec, mat, fro2, math.sqrt(base_fro2))
 
 
 def _non_finite(key: str, spec: LayerSpec, sides: Sequence[tuple[str, WeightSource, Tensor]]) -> NonFiniteError:

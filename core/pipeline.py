@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import queue
+import collections
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -139,44 +139,60 @@ class ReadAhead(Generic[T, R]):
     """``read(item)`` for every item, up to ``depth`` items ahead of the consumer, in a daemon thread.
 
     ``with ReadAhead(items, read, depth) as values: for v in values: …``. With ``depth == 0`` it
-    reads in the caller's thread. An exception raised by ``read`` is re-raised by the consumer at
-    that item's position; leaving the ``with`` (normally, by an error or a cancel) stops the thread.
+    reads in the caller's thread. With ``max_bytes`` (and ``size``, the bytes of a read value) the
+    values waiting also stay within that many bytes — except one, so a value larger than the bound
+    still passes (at most ``depth`` waiting, plus the one being read). An exception raised by
+    ``read`` is re-raised by the consumer at that item's position; leaving the ``with`` (normally,
+    by an error or a cancel) stops the thread.
     """
 
     def __init__(self, items: Sequence[T], read: Callable[[T], R], depth: int = 1,
-                 name: str = "rankwise-read-ahead") -> None:
+                 name: str = "rankwise-read-ahead", *, max_bytes: int | None = None,
+                 size: Callable[[R], int] | None = None) -> None:
         self._items = tuple(items)
         self._read = read
         self._depth = int(depth)
         self._name = name
+        self._max_bytes = max_bytes
+        self._size = size if max_bytes is not None else None
         self._stop = threading.Event()
-        self._queue: queue.Queue | None = None
+        self._ready: collections.deque[tuple[_Slot, int]] = collections.deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Iterator[R]:
         if self._depth <= 0:
             return (self._read(item) for item in self._items)
-        self._queue = queue.Queue(maxsize=self._depth)
         self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
         self._thread.start()
         return self._consume()
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
+        with self._cond:
+            self._stop.set()
+            self._ready.clear()  # drop what was read ahead (the producer may hold one more)
+            self._bytes = 0
+            self._cond.notify_all()
         if self._thread is not None:
-            while self._thread.is_alive():
-                try:  # unblock a producer waiting on a full queue
-                    self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    pass
             self._thread.join()
 
     def _consume(self) -> Iterator[R]:
         for _ in self._items:
-            slot = self._queue.get()
+            with self._cond:
+                while not self._ready:
+                    self._cond.wait()
+                slot, nbytes = self._ready.popleft()
+                self._bytes -= nbytes
+                self._cond.notify_all()
             if slot.error is not None:
                 raise slot.error
             yield slot.value
+
+    def _room(self, nbytes: int) -> bool:
+        if len(self._ready) >= self._depth:
+            return False
+        return self._max_bytes is None or not self._ready or self._bytes + nbytes <= self._max_bytes
 
     def _work(self) -> None:
         for item in self._items:
@@ -188,12 +204,15 @@ class ReadAhead(Generic[T, R]):
                     slot.value = self._read(item)
             except BaseException as e:  # noqa: BLE001 — handed to the consumer
                 slot.error = e
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(slot, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            nbytes = int(self._size(slot.value)) if self._size is not None and slot.error is None else 0
+            with self._cond:
+                while not self._stop.is_set() and not self._room(nbytes):
+                    self._cond.wait()
+                if self._stop.is_set():
+                    return
+                self._ready.append((slot, nbytes))
+                self._bytes += nbytes
+                self._cond.notify_all()
             if slot.error is not None:
                 return
 

@@ -278,6 +278,7 @@ def decompose(
     full_spectrum: bool = False,
     device: str | torch.device | None = None,
     seed: int = 0,
+    fro2: float | None = None,
 ) -> Decomposition:
     """Top-k singular triplets of the 2-D matrix ``A`` (k is clamped to [1, min(m, n)]).
 
@@ -285,7 +286,9 @@ def decompose(
     (the top k from the Rayleigh–Ritz step, the rest from an fp64 Gram matrix, accurate to about
     1e-8·σ₁) — what ``sv_cumulative`` needs when the partial certificate is inconclusive.
     ``device`` says where to compute (default: where ``A`` is); results return to ``A``'s device.
-    ``seed`` makes FAST deterministic. Raises :class:`NonFiniteError` for NaN/Inf in ``A``.
+    ``seed`` makes FAST deterministic. ``fro2``: ‖A‖_F² when the caller already has it (as
+    :func:`sum_squares` computes it, e.g. :func:`.decompositions.difference_sum_squares`), so A is not
+    read once more. Raises :class:`NonFiniteError` for NaN/Inf in ``A``.
     """
     method = SvdMethod(method)
     if A.dim() != 2:
@@ -294,14 +297,14 @@ def decompose(
     dev = torch.device(device) if device is not None else A.device
     with torch.no_grad():
         try:
-            return _decompose_on(A, k, method, full_spectrum, dev, seed, out_device, [])
+            return _decompose_on(A, k, method, full_spectrum, dev, seed, out_device, [], fro2)
         except torch.OutOfMemoryError:
             if dev.type == "cpu":
                 raise
             runtime.release_cache(dev)
             return _decompose_on(
                 A, k, method, full_spectrum, torch.device("cpu"), seed, out_device,
-                [f"cpu ({dev.type} out of memory)"],
+                [f"cpu ({dev.type} out of memory)"], fro2,
             )
 
 
@@ -314,11 +317,12 @@ def _decompose_on(
     seed: int,
     out_device: torch.device,
     notes: list[str],
+    known_fro2: float | None = None,
 ) -> Decomposition:
     m, n = int(A.shape[0]), int(A.shape[1])
     p = min(m, n)
     A32 = A.detach().to(device=dev, dtype=torch.float32)
-    fro2 = sum_squares(A32)
+    fro2 = sum_squares(A32) if known_fro2 is None or A.dtype != torch.float32 else float(known_fro2)
     if not math.isfinite(fro2):
         raise NonFiniteError(
             f"the {m}×{n} matrix contains {dx.nonfinite_counts(A32)}; SVD of non-finite values is "

@@ -286,3 +286,33 @@ def test_a_large_dynamic_rank_costs_two_decompositions_and_is_exact(gen, monkeyp
     decision = sel.decide(d)
     assert want > 64 and decision.rank == want and decision.certain
     assert asked == [64, want] and d.dec.rank == want
+
+
+def test_read_ahead_byte_bound_holds_back_but_always_passes_one():
+    """With max_bytes, the values waiting stay within the bound (one oversized value still passes)."""
+    import time as _time
+
+    sizes = [40, 40, 40, 200, 10, 10, 10, 10]
+    waiting_peaks = []
+    ra = ReadAhead(range(len(sizes)), lambda i: sizes[i], depth=4, max_bytes=100, size=lambda v: v)
+    with ra as values:
+        out = []
+        for v in values:
+            _time.sleep(0.02)  # let the producer run ahead as far as it may
+            with ra._cond:
+                waiting_peaks.append((len(ra._ready), ra._bytes))
+            out.append(v)
+    assert out == sizes
+    for n, nbytes in waiting_peaks:
+        assert n <= 4
+        assert nbytes <= 100 or n == 1
+    assert any(n >= 2 for n, _ in waiting_peaks)  # it did read ahead more than one
+
+
+def test_read_ahead_stops_a_producer_blocked_on_the_bound():
+    import threading as _threading
+
+    ra = ReadAhead(range(100), lambda i: i, depth=2, name="rankwise-test-bound", max_bytes=1, size=lambda v: 1)
+    with ra as values:
+        assert next(values) == 0
+    assert not any(t.name == "rankwise-test-bound" for t in _threading.enumerate())
