@@ -76,7 +76,7 @@ import torch
 from .archs import Component, KeyTable, LayerPreset, LayerSpec
 from .clip import DEFAULT_TE_THRESHOLD, EncoderDiff, text_encoder_report
 from .errors import NonFiniteError, RankwiseError
-from .finite import is_finite, overflows
+from .finite import is_finite
 from .metadata import build_metadata
 from .budget import budget_notes
 from .pipeline import (
@@ -529,7 +529,7 @@ def layer_output(layer: Decomposed, decision: RankDecision, options: ExtractOpti
     if decision.full:  # a size budget chose the full difference: ΔW from all p triplets
         diff = (up @ down).reshape(spec_shape).to("cpu")
         stored = diff.to(options.factor_dtype)
-        kept32 = not bool(torch.isfinite(stored).all())
+        kept32 = not is_finite(stored)
         full = DiffLayer(diff.contiguous() if kept32 else stored.contiguous())
         return full, layer_stat(layer, decision, full, note="full difference (.diff)", kept_fp32=kept32)
     error = None
@@ -583,9 +583,10 @@ def _store(up: Tensor, down: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor
     up, down = up.detach().to("cpu"), down.detach().to("cpu")
     if dtype == torch.float32:
         return up.contiguous(), down.contiguous(), False
-    if overflows(up, dtype) or overflows(down, dtype):
+    up_s, down_s = up.to(dtype).contiguous(), down.to(dtype).contiguous()
+    if not (is_finite(up_s) and is_finite(down_s)):  # the cast overflowed (the inputs are finite)
         return up.float().contiguous(), down.float().contiguous(), True
-    return up.to(dtype).contiguous(), down.to(dtype).contiguous(), False
+    return up_s, down_s, False
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1015,7 +1015,7 @@ def _cloneofsimo():
 
 
 def _finite(layer: LayerDelta) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in _layer_tensors(layer).values())
+    return all(is_finite(t) for t in _layer_tensors(layer).values())
 
 
 def _hint_other_arch(built: list[_Built], table) -> str:
@@ -1296,7 +1296,7 @@ def _diffusers_items(lora: Lora, *, dtype: torch.dtype, alpha: float | None = No
         for path, part in _diffusers_parts(spec, up):
             for suffix, t in (("lora_A.weight", layer.down), ("lora_B.weight", part)):
                 produce = partial(_cast, t, dtype)
-                if not bool(torch.isfinite(produce()).all()) and name not in overflow:
+                if not is_finite(produce()) and name not in overflow:
                     overflow.append(name)
                 items.append((f"{path}.{suffix}", tuple(t.shape), dtype, produce))
     if overflow:

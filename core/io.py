@@ -193,6 +193,43 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
     return infos, dict(meta_raw)
 
 
+def _advise_sequential(fd: int) -> bool:
+    """Tell the kernel the file is read sequentially; False where ``posix_fadvise`` is missing."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except OSError:
+        return False
+    return True
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def drop_behind_wanted(path: str) -> bool:
+    """Read ``path`` drop-behind? ``RANKWISE_DROP_BEHIND=1``/``0`` decides; otherwise yes when the file
+    is larger than a quarter of the memory available now (Linux; elsewhere no)."""
+    forced = os.environ.get("RANKWISE_DROP_BEHIND")
+    if forced in ("0", "1"):
+        return forced == "1"
+    avail = _available_memory()
+    if avail is None:
+        return False
+    try:
+        return os.path.getsize(path) > avail // 4
+    except OSError:
+        return False
+
+
 class SafetensorsSource:
     """Streaming read of one .safetensors file, tensor by tensor.
 
@@ -201,6 +238,12 @@ class SafetensorsSource:
     once the caller drops it, nothing of the file stays in this process's memory, so streaming a
     6.9 GB checkpoint costs one tensor at a time (the OS page cache is not process memory). Safe
     to call from several threads. Use as a context manager or call :meth:`close`.
+
+    Reading is announced as sequential to the kernel. A file larger than a quarter of the memory
+    available when it is opened (:func:`drop_behind_wanted`) is read *drop-behind*: the pages of a
+    tensor just read leave the page cache, which such a file could not stay in anyway. On the
+    2-core machine, reading both SDXL checkpoints tensor by tensor from a cold cache took 5.6–17 s
+    of kernel CPU time (page-cache churn) and 2.5–3.4 s drop-behind.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -213,6 +256,7 @@ class SafetensorsSource:
             raise FormatError(f"{self.path}: cannot open as safetensors ({e})") from None
         self._data_start = 8 + n
         self._lock = threading.Lock()
+        self._drop_behind = _advise_sequential(self._fh.fileno()) and drop_behind_wanted(self.path)
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -270,6 +314,11 @@ class SafetensorsSource:
                             f"or truncated while open?)"
                         )
                     done += got
+                if self._drop_behind and done:
+                    try:
+                        os.posix_fadvise(fh.fileno(), offset, done, os.POSIX_FADV_DONTNEED)
+                    except OSError:  # advice only
+                        self._drop_behind = False
             except OSError as e:
                 raise FormatError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
 

@@ -395,3 +395,23 @@ def test_save_creates_no_folders_and_names_the_missing_one(tmp_path, gen):
     with pytest.raises(UnsafePathError, match="the folder .*missing does not exist"):
         save_lora(_lora(gen), target)
     assert not (tmp_path / "missing").exists()
+
+
+def test_drop_behind_reads_the_same_tensors(tmp_path, monkeypatch):
+    """Drop-behind (forced) changes only page-cache advice: every tensor reads back identical."""
+    import safetensors.torch as st_torch
+
+    from rankwise.core.io import SafetensorsSource, drop_behind_wanted
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"t{i}": torch.randn(17 + i, 9, generator=g).to(torch.float16) for i in range(5)}
+    path = tmp_path / "x.safetensors"
+    st_torch.save_file(tensors, str(path))
+    for forced in ("1", "0"):
+        monkeypatch.setenv("RANKWISE_DROP_BEHIND", forced)
+        assert drop_behind_wanted(str(path)) is (forced == "1")
+        with SafetensorsSource(path) as src:
+            for key, want in tensors.items():
+                assert torch.equal(src.get(key), want)
+    monkeypatch.delenv("RANKWISE_DROP_BEHIND")
+    assert drop_behind_wanted(str(path)) is False  # a tiny file is never dropped behind
