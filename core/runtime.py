@@ -152,3 +152,20 @@ def empty_cpu(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> tor
             if end > start:
                 fn(start, end - start, _MADV_HUGEPAGE)  # advice only: a failure changes nothing
     return t
+
+
+def layer_parallelism(device: str | torch.device | None, cpus: int | None = None) -> tuple[int, int | None]:
+    """``(workers, threads per worker)`` for a layer loop on ``device`` when the caller has no say
+    (the ComfyUI nodes; the command line has ``--workers``/``--threads``).
+
+    On the CPU: up to 4 layers at once, the cores split between them (2 cores: 2 workers × 1
+    thread). One worker with 2 BLAS threads on the 2-core machine ran the SDXL rank-128 extraction
+    inside ComfyUI in 163 s wall / 309 CPU-s, against 68 s / 127 CPU-s for 2 × 1 (spinning threads
+    on small layers). On a GPU: 1 worker, threads left as they are.
+    """
+    dev = resolve_device(device)
+    if dev.type != "cpu":
+        return 1, None
+    n = max(1, int(cpus if cpus is not None else (os.cpu_count() or 1)))
+    workers = min(4, n)
+    return workers, max(1, n // workers)

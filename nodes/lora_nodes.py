@@ -12,6 +12,7 @@ from ..core.extract import ExtractOptions, ExtractResult, TextEncoderMode, extra
 from ..core.merge import MergeInput, MergeMode, merge_sweep
 from ..core.pipeline import LayerFilter
 from ..core.resize import resize_sweep
+from ..core.runtime import layer_parallelism
 from ..core.spectrum import render_spectrum, select_layers_for_plot
 from ..core.svd import SvdMethod
 from ..core.types import Lora
@@ -120,16 +121,20 @@ class RankwiseExtractLoRA(io.ComfyNode):
         policies = parse_policies(rules, max_rank=max_rank, conv_rank=conv_rank, te_rank=te_rank, min_rank=min_rank)
         selectors = rank_selectors(policies, weighting=budget_weighting, full_diff=full_diff)
         labels = sweep_labels(policies)
+        device = glue.compute_device()
+        workers, threads = layer_parallelism(device)
         options = ExtractOptions(
             policy=policies[0],
             preset=LayerPreset(layers),
             text_encoders=TextEncoderMode(text_encoders),
             method=SvdMethod(method),
             clamp_quantile=float(clamp_quantile) if clamp_quantile > 0 else None,
-            device=glue.compute_device(),
+            device=device,
             key_style=pair.key_style,
             seed=int(seed),
             exact_parts=getattr(pair, "exact_parts", False),
+            workers=workers,
+            threads=threads,
         )
         results = extract_sweep_detailed(pair.base, pair.tuned, selectors, options, progress=glue.progress_bar())
         loras = [r.lora for r in results]
@@ -183,7 +188,8 @@ class RankwiseResizeLoRA(io.ComfyNode):
         # no base model: a budget's weights are absolute (core falls back to them; the CLI's flag is moot here)
         selectors = rank_selectors(policies, weighting=Weighting.ABSOLUTE, full_diff=full_diff)
         # one pass: every layer is re-factorised once and each rule picks its rank from that spectrum
-        results = resize_sweep(lora, selectors, strength=float(strength), progress=glue.progress_bar())
+        results = resize_sweep(lora, selectors, strength=float(strength), progress=glue.progress_bar(),
+                               workers=layer_parallelism("cpu")[0])
         loras = [out for out, _ in results]
         reports = [rep.to_table() for _, rep in results]
         summaries = [f"[{label}]\n{rep.summary()}" for label, (_, rep) in zip(labels, results)]
@@ -276,7 +282,7 @@ class RankwiseMergeLoRAs(io.ComfyNode):
         include, exclude = parse_filters(filters)
         selectors = rank_selectors(policies, weighting=Weighting.ABSOLUTE, full_diff=full_diff)  # no base model
         results = merge_sweep(inputs, selectors, mode=merge_mode, progress=glue.progress_bar(),
-                              layer_filter=LayerFilter(include, exclude))
+                              layer_filter=LayerFilter(include, exclude), workers=layer_parallelism("cpu")[0])
         summary = "\n\n".join(f"[{label}]\n{rep.summary()}" for label, (_, rep) in zip(labels, results))
         return io.NodeOutput([out for out, _ in results], [rep.to_table() for _, rep in results], labels,
                              ui=ui.PreviewText(summary))

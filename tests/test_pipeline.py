@@ -316,3 +316,16 @@ def test_read_ahead_stops_a_producer_blocked_on_the_bound():
     with ra as values:
         assert next(values) == 0
     assert not any(t.name == "rankwise-test-bound" for t in _threading.enumerate())
+
+
+def test_layer_parallelism_splits_the_cores():
+    from rankwise.core.runtime import layer_parallelism
+
+    assert layer_parallelism("cpu", 1) == (1, 1)
+    assert layer_parallelism("cpu", 2) == (2, 1)
+    assert layer_parallelism("cpu", 16) == (4, 4)
+    assert layer_parallelism("cpu", 6) == (4, 1)
+    for n in range(1, 65):
+        workers, threads = layer_parallelism("cpu", n)
+        assert 1 <= workers <= 4 and workers * threads <= n
+    assert layer_parallelism("cuda:0", 16) == (1, None)
