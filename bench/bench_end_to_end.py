@@ -50,6 +50,7 @@ from common import MemoryPeaks, load_average, timed  # noqa: E402
 from rankwise.core.archs import LayerPreset  # noqa: E402
 from rankwise.core.extract import ExtractOptions, TextEncoderMode, extract  # noqa: E402
 from rankwise.core.io import save_lora  # noqa: E402
+from rankwise.core.memory import keep_freed_memory  # noqa: E402
 from rankwise.core.rank import RankPolicy, RankRule  # noqa: E402
 from rankwise.core.sources import open_source  # noqa: E402
 from rankwise.core.svd import SvdMethod, set_threads  # noqa: E402
@@ -83,7 +84,7 @@ def raw_read(paths: list[str]) -> tuple[float, int]:
     return time.perf_counter() - t0, total
 
 
-def gemm_rate(n: int = 1536, repeats: int = 3) -> float:
+def gemm_rate(n: int = 1536, repeats: int = 7) -> float:
     """Measured 1-thread fp32 GEMM throughput (flop/s), best of ``repeats``."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                           device="cpu", threads=args.threads, factor_dtype=torch.float16, **extra)
     shown = {k: getattr(opts, k) for k in ("threads", "prefetch", "workers") if k in fields}
     set_threads(args.threads)
+    keep_freed_memory()  # as the command line does (core.memory.keep_freed_memory)
     import scipy.linalg  # noqa: F401  (import cost outside the timing)
 
     if not args.keep_cache:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import torch
 
 from .errors import Cancelled, RankwiseError, Terminated
+from .memory import keep_freed_memory
 from .io import OutputKind, OutputPlan, os_reason, plan_outputs, save_image, write_text_output
 from .progress import ProgressFn
 from .rank import RankPolicy, RankRule, parse_rules
@@ -763,6 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unlog = _log_to_stderr()
     try:
         with _Signals():
+            keep_freed_memory()  # this process runs Rankwise alone (memory.keep_freed_memory)
             threads = getattr(args, "threads", None)
             if threads is not None:
                 _check_count(threads, "--threads")

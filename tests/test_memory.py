@@ -20,6 +20,18 @@ def test_malloc_trim_is_found_and_runs_on_glibc():
     assert release_free_memory() is True
 
 
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="mallopt is a glibc function")
+def test_keep_freed_memory_applies_on_glibc_and_the_cli_asks_for_it(monkeypatch, tmp_path):
+    assert memory.keep_freed_memory() is True
+    import rankwise.core.cli as cli
+
+    asked = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: asked.append(1) or True)
+    assert cli.main(["info", str(tmp_path / "missing.safetensors")]) == 2  # a user error, after the setting
+    assert asked == [1]
+
+
 @pytest.mark.skipif(sys.platform.startswith("linux"), reason="the no-op path is for other platforms")
 def test_no_op_elsewhere():
     assert release_free_memory() is False
