@@ -527,3 +527,21 @@ def test_cholesky_qr_declines_dependent_factors(gen):
     ref = torch.linalg.svdvals(up.double() @ down.double())
     torch.testing.assert_close(dec.S.double(), ref[:5], rtol=1e-5, atol=1e-5 * float(ref[0]))
     assert dec.notes == ()
+
+
+@pytest.mark.parametrize("R,k", [(512, 128), (400, 64), (256, 64), (512, 300)])
+def test_core_svd_matches_a_full_svd(R, k):
+    """The QR trick's core: leading k triplets at the Eckart–Young optimum, every value close."""
+    from rankwise.core.decompositions import core_svd
+
+    g = torch.Generator().manual_seed(R + k)
+    core = torch.randn(R, R, generator=g) @ torch.diag(torch.logspace(0, -3, R)) @ torch.randn(R, R, generator=g)
+    U, S, Vh = core_svd(core, k)
+    ref = torch.linalg.svdvals(core.double())
+    assert S.shape == (R,)
+    assert float((S.double() - ref).abs().max()) <= 1e-5 * float(ref[0])
+    approx = U[:, :k].double() @ torch.diag(S[:k].double()) @ Vh[:k].double()
+    err = float((core.double() - approx).norm())
+    opt = float(ref[k:].square().sum().sqrt())
+    assert err <= opt * (1 + 1e-6)
+    assert bool((S[:-1] >= S[1:]).all())
