@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from . import lapack, runtime
+from . import lapack, memory, runtime
 
 Tensor = torch.Tensor
 
@@ -68,26 +68,22 @@ def sum_squares(t: Tensor) -> float:
 
 
 def difference_sum_squares(base: Tensor, tuned: Tensor) -> tuple[Tensor, float, float]:
-    """``(tuned − base, Σ (tuned − base)², Σ base²)`` with the difference in fp32 (each side
-    upcast exactly before subtracting) and its squared norm as :func:`sum_squares` computes it
-    and Σ base² as :func:`sum_squares` computes them (same chunks, fp64: the same bits; inf/nan if
-    non-finite).
+    """``(tuned − base, Σ (tuned − base)², Σ base²)``: the difference in fp32 (each side upcast
+    exactly before subtracting), both sums as :func:`sum_squares` computes them (same chunks, fp64:
+    the same bits; inf/nan if non-finite).
 
-    On the CPU it runs chunk by chunk in one pass, into a buffer from :func:`runtime.empty_cpu`:
+    On the CPU it runs chunk by chunk in one pass, into a buffer from :func:`.memory.empty_cpu`:
     a whole-tensor ``d.sub_(fp16)`` materialises an fp32 temporary of the other side, and both
     buffers were faulted in page by page (measured on 10240 × 1280 fp16, with both sums: 68 ms → 16 ms).
     """
-    simple = (base.dtype == torch.float64 or tuned.dtype == torch.float64 or tuned.device.type != "cpu"
-              or base.device != tuned.device
-              or tuned.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-              or base.dtype not in (torch.float16, torch.bfloat16, torch.float32))
-    if simple:
-        if base.dtype == torch.float64 or tuned.dtype == torch.float64:
+    chunked = (torch.float16, torch.bfloat16, torch.float32)  # the dtypes the chunked pass reads
+    if tuned.device.type != "cpu" or base.device != tuned.device or base.dtype not in chunked or tuned.dtype not in chunked:
+        if torch.float64 in (base.dtype, tuned.dtype):
             d = (tuned.double() - base.double()).float()
         else:
             d = tuned.to(torch.float32, copy=True).sub_(base.float())
         return d, sum_squares(d), sum_squares(base)
-    d = runtime.empty_cpu(tuple(tuned.shape))
+    d = memory.empty_cpu(tuple(tuned.shape))
     fd, ft, fb = d.view(-1), tuned.reshape(-1), base.reshape(-1)
     total = base_total = 0.0
     for i in range(0, fd.numel(), _FRO_CHUNK):

@@ -33,7 +33,7 @@ from .errors import FormatError, MismatchError, OutputError, UnsafePathError
 from .formats import ReadReport, common_alpha, lora_from_state_dict, lora_items
 from .metadata import streamed_hashes
 from .stream_write import plan_safetensors, write_plan
-from .runtime import empty_cpu
+from .memory import empty_cpu
 from .types import Arch, Lora
 
 if TYPE_CHECKING:
@@ -293,7 +293,7 @@ class SafetensorsSource:
         info = self._info(key)
         dtype = self.dtype(key)
         begin, end = info.offsets
-        buf = empty_cpu((end - begin,), torch.uint8)  # huge pages for big tensors (runtime.empty_cpu)
+        buf = empty_cpu((end - begin,), torch.uint8)  # huge pages for big tensors (memory.empty_cpu)
         if end > begin:
             self._read_into(memoryview(buf.numpy()), self._data_start + begin, key)
         return buf.view(dtype).reshape(info.shape)

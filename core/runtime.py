@@ -112,48 +112,6 @@ def openblas_set_threads(n: int) -> None:
     _OPENBLAS.set(int(n))
 
 
-# glibc maps every allocation above 32 MiB freshly (its largest mmap threshold), so each such
-# fp32 ΔW is faulted in 4 KiB pages: measured 19 ms to fill a 10240 × 1280 buffer, 4.5 ms with
-# transparent huge pages. Smaller buffers come from the reused heap and are left alone.
-HUGE_PAGE_MIN_BYTES = 32 << 20
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
-_MADVISE: list = []  # [function or None], found once
-
-
-def _madvise():
-    if not _MADVISE:
-        fn = None
-        if os.name == "posix" and os.uname().sysname == "Linux" and not os.environ.get("RANKWISE_NO_HUGEPAGES"):
-            import ctypes
-
-            try:
-                fn = ctypes.CDLL(None, use_errno=True).madvise
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                fn.restype = ctypes.c_int
-            except (OSError, AttributeError):  # pragma: no cover
-                fn = None
-        _MADVISE.append(fn)
-    return _MADVISE[0]
-
-
-def empty_cpu(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``torch.empty`` on the CPU; a buffer of ≥ :data:`HUGE_PAGE_MIN_BYTES` is advised to use
-    transparent huge pages before it is first touched (Linux; a no-op where THP is off, and with
-    ``RANKWISE_NO_HUGEPAGES=1``). Only the advice differs: contents and lifetime are torch's."""
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    if nbytes >= HUGE_PAGE_MIN_BYTES:
-        fn = _madvise()
-        if fn is not None:
-            addr = t.data_ptr()
-            start = -(-addr // _HUGE_PAGE) * _HUGE_PAGE
-            end = (addr + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-            if end > start:
-                fn(start, end - start, _MADV_HUGEPAGE)  # advice only: a failure changes nothing
-    return t
-
-
 def layer_parallelism(device: str | torch.device | None, cpus: int | None = None) -> tuple[int, int | None]:
     """``(workers, threads per worker)`` for a layer loop on ``device`` when the caller has no say
     (the ComfyUI nodes; the command line has ``--workers``/``--threads``).

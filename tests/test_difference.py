@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rankwise.core import runtime
+from rankwise.core import memory
 from rankwise.core.decompositions import _FRO_CHUNK, difference_sum_squares, sum_squares
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -57,10 +57,10 @@ def test_fp16_overflow_of_the_difference_is_not_hidden():
 
 
 def test_empty_cpu_big_buffers_are_ordinary_tensors():
-    n = runtime.HUGE_PAGE_MIN_BYTES // 4 + 123
-    t = runtime.empty_cpu((n,))
+    n = memory.HUGE_PAGE_MIN_BYTES // 4 + 123
+    t = memory.empty_cpu((n,))
     assert t.dtype == torch.float32 and t.numel() == n and t.is_contiguous()
     t.fill_(1.5)
     assert bool((t == 1.5).all())
-    small = runtime.empty_cpu((7, 3), torch.uint8)
+    small = memory.empty_cpu((7, 3), torch.uint8)
     assert small.shape == (7, 3) and small.dtype == torch.uint8
